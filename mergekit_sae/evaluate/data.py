@@ -1,0 +1,83 @@
+"""Task data: JSONL item files, their validation, and seeded subsampling."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# Keys each built-in task type requires in every item, with the JSON type they must have.
+REQUIRED_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "generate_exact_match": {"prompt": str, "answer": (str, int, float)},
+    "multiple_choice": {"prompt": str, "choices": list, "label": int},
+}
+
+
+class TaskDataError(ValueError):
+    """Raised when a task data file is missing or one of its lines is not a valid item."""
+
+
+def load_jsonl(path: str | Path, task_type: str | None = None) -> list[dict[str, Any]]:
+    """Read one item per non-blank line; errors name the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskDataError(f"task data file {path} does not exist")
+    items = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TaskDataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+            if task_type is not None:
+                problem = item_problem(item, task_type)
+                if problem:
+                    raise TaskDataError(f"{path}:{lineno}: {problem}")
+            items.append(item)
+    if not items:
+        raise TaskDataError(f"task data file {path} holds no items")
+    return items
+
+
+def item_problem(item: Any, task_type: str) -> str | None:
+    """Describe what is wrong with one item for a task type, or None when it is valid."""
+    if not isinstance(item, dict):
+        return f"expected a JSON object, got {type(item).__name__}"
+    for key, kind in REQUIRED_KEYS[task_type].items():
+        if key not in item:
+            needed = sorted(REQUIRED_KEYS[task_type])
+            return f"missing key {key!r} (a {task_type} item needs {needed})"
+        value = item[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"key {key!r} has type {type(value).__name__}, expected {_kind_name(kind)}"
+    if task_type == "multiple_choice":
+        choices, label = item["choices"], item["label"]
+        if len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+            return "'choices' must be a list of at least two strings"
+        if not 0 <= label < len(choices):
+            return f"'label' {label} is out of range for {len(choices)} choices"
+    return None
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)
+
+
+def subsample(items: Sequence[T], n: int | None, seed: int) -> list[T]:
+    """Draw n items without replacement, deterministically from seed; all items when n is None.
+
+    The draw keeps the items' original order, so the same seed gives the same list.
+    """
+    if n is None or n >= len(items):
+        return list(items)
+    if n < 0:
+        raise ValueError(f"subsample size must be >= 0, got {n}")
+    chosen = sorted(random.Random(seed).sample(range(len(items)), n))
+    return [items[i] for i in chosen]

@@ -1,0 +1,155 @@
+"""One model held in memory for scoring many candidates: weights are copied in, not reloaded."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from mergekit_sae.evaluate.device import resolve_device, resolve_dtype
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class WeightLoadError(ValueError):
+    """Raised when candidate weights do not fit the resident model (names or shapes)."""
+
+
+class ResidentModel:
+    """A causal LM and its tokenizer, loaded once; :meth:`load_weights` swaps in new weights."""
+
+    def __init__(self, path: str | Path, device: str = "auto", dtype=None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device, default_dtype = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, default_dtype)
+        self.path = Path(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype)
+        self.model.to(self.device).eval()
+
+    def load_weights(self, source: Mapping[str, Tensor] | str | Path) -> None:
+        """Copy a state dict, a safetensors file or a model folder into the parameters in place.
+
+        Every name and shape is checked before anything is copied, so a rejected source leaves
+        the model unchanged. Tied tensors (e.g. embed_tokens and lm_head) need only one name.
+        """
+        copy_weights(self.model, source)
+
+
+def copy_weights(model: torch.nn.Module, source: Mapping[str, Tensor] | str | Path) -> None:
+    """Copy weights from source into model's existing tensors (see ResidentModel.load_weights)."""
+    what = "state dict" if isinstance(source, Mapping) else str(source)
+    shapes, read = _open_source(source)
+    with ExitStack() as stack:
+        get = read(stack)
+        targets = model.state_dict()
+        groups = _tied_groups(targets)
+        unexpected = sorted(set(shapes) - set(targets))
+        if unexpected:
+            raise WeightLoadError(
+                f"{what}: {len(unexpected)} tensor(s) the model does not have: "
+                f"{_sample(unexpected)}"
+            )
+        missing = [names[0] for names in groups if not any(n in shapes for n in names)]
+        if missing:
+            raise WeightLoadError(
+                f"{what}: {len(missing)} tensor(s) of the model are missing: {_sample(missing)}"
+            )
+        for name, shape in shapes.items():
+            if tuple(shape) != tuple(targets[name].shape):
+                raise WeightLoadError(
+                    f"{what}: tensor {name} has shape {tuple(shape)}, "
+                    f"the model expects {tuple(targets[name].shape)}"
+                )
+        plan = []
+        for names in groups:
+            present = [n for n in names if n in shapes]
+            _check_tied(present, get, what)
+            plan.append((present[0], names[0]))
+        with torch.no_grad():
+            for source_name, target_name in plan:
+                targets[target_name].copy_(get(source_name))
+
+
+def _check_tied(names: list[str], get: Callable[[str], Tensor], what: str) -> None:
+    """Tensors given under several names of one tied group must be equal."""
+    if len(names) < 2:
+        return
+    first = get(names[0])
+    for alias in names[1:]:
+        if not torch.equal(get(alias).to(first.dtype), first):
+            raise WeightLoadError(
+                f"{what}: {names[0]} and {alias} are tied in the model but differ in the source"
+            )
+
+
+def _tied_groups(state: Mapping[str, Tensor]) -> list[list[str]]:
+    """Names of the model's state grouped by shared storage (tied weights share one group)."""
+    groups: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+    for name, tensor in state.items():
+        groups.setdefault((tensor.data_ptr(), tuple(tensor.shape)), []).append(name)
+    return list(groups.values())
+
+
+def _sample(names: list[str], k: int = 5) -> str:
+    shown = ", ".join(names[:k])
+    return shown + (f", ... ({len(names) - k} more)" if len(names) > k else "")
+
+
+def _open_source(
+    source: Mapping[str, Tensor] | str | Path,
+) -> tuple[dict[str, tuple[int, ...]], Callable[[ExitStack], Callable[[str], Tensor]]]:
+    """Shapes of the source's tensors, and a reader factory that fetches one tensor by name."""
+    if isinstance(source, Mapping):
+        shapes = {name: tuple(t.shape) for name, t in source.items()}
+        return shapes, lambda stack: source.__getitem__
+    files = _safetensors_files(Path(source))
+    shapes, location = {}, {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if name in location:
+                    raise WeightLoadError(
+                        f"tensor {name} appears in both {location[name]} and {file}"
+                    )
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+                location[name] = file
+
+    def reader(stack: ExitStack) -> Callable[[str], Tensor]:
+        handles = {f: stack.enter_context(safe_open(f, framework="pt")) for f in files}
+        return lambda name: handles[location[name]].get_tensor(name)
+
+    return shapes, reader
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    """The safetensors files of a weights file or a model folder (sharded or not)."""
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise WeightLoadError(f"{path} is not a .safetensors file")
+        return [path]
+    if not path.is_dir():
+        raise WeightLoadError(f"weights source {path} does not exist")
+    index = path / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise WeightLoadError(f"{index} is not a valid safetensors index ({e})") from e
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise WeightLoadError(f"{index} lists shard(s) that do not exist: {absent}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise WeightLoadError(
+            f"{path} holds no safetensors weights (expected model.safetensors or {INDEX_NAME})"
+        )
+    return files

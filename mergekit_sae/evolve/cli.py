@@ -1,0 +1,62 @@
+"""``mergekit-sae evolve RECIPE.yml OUT/``: run or resume the sparsity-aware evolutionary search."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def silence_progress_bars() -> None:
+    """Turn off the progress bars of the libraries that load models and files."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging
+
+    disable_progress_bars()
+    logging.disable_progress_bar()
+
+
+@click.command(name="evolve")
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--resume", is_flag=True, help="Continue the run checkpointed in OUT.")
+@click.option("--force", is_flag=True, help="Delete a previous run in OUT and start over.")
+@click.option(
+    "--stop-after",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Stop once this step is checkpointed (continue later with --resume).",
+)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars and no summary.")
+def evolve(
+    recipe: Path, out: Path, resume: bool, force: bool, stop_after: int | None, quiet: bool
+) -> None:
+    """Evolve a merge of the recipe's models into OUT (model, recipe, history, plots, card)."""
+    from mergekit_sae.evolve.recipe import RecipeError, load_recipe
+    from mergekit_sae.evolve.runner import OutputFolderError, run
+    from mergekit_sae.evolve.summary import summary
+
+    if resume and force:
+        raise click.UsageError("--resume and --force exclude each other")
+    if quiet:
+        silence_progress_bars()
+    try:
+        parsed = load_recipe(recipe)
+        state = run(
+            parsed,
+            out,
+            source=str(recipe),
+            resume=resume,
+            force=force,
+            progress=not quiet,
+            stop_after=stop_after,
+        )
+    except (RecipeError, OutputFolderError) as error:
+        raise click.ClickException(str(error)) from None
+    if quiet:
+        return
+    if state.finished:
+        click.echo(summary(state, [task.name for task in parsed.tasks]))
+        click.echo(f"\nwrote {out}")
+    else:
+        click.echo(f"stopped after step {state.step}; continue with --resume")

@@ -1,0 +1,284 @@
+"""Streaming merges: one output tensor at a time through MergeKit's loader and a registered method.
+
+Inputs are read with ``mergekit.io.LazyTensorLoader`` (one tensor resident per input), merged
+with ``mergekit.merge_methods.merge_tensors`` and the method named by a :class:`MergeRecord`,
+handed to an optional sink (the resident scoring model) and written as safetensors shards into
+a temporary directory that is renamed into place only when complete. Memory therefore stays at
+a few tensors whatever the model size; the written model is exactly what the same MergeKit
+stage produces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from mergekit.io import LazyTensorLoader, ShardedTensorIndex, TensorWriter
+
+from mergekit_sae.evolve.population import MergeRecord
+from mergekit_sae.sparsity import EMPTY_STATS, SparsityStats, sparsity_stats
+
+TensorSink = Callable[[str, torch.Tensor], None]
+
+# Files copied from a reference model so that a merged directory loads with transformers.
+CONFIG_FILES = ("config.json", "generation_config.json")
+DEFAULT_SHARD_SIZE = 5 * 1000**3
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class MergeInputError(ValueError):
+    """Raised when the models of a merge do not hold the same tensors with the same shapes."""
+
+
+@dataclass
+class MergeOutcome:
+    """What a streaming merge produced: global sparsity statistics and where its time went."""
+
+    stats: SparsityStats = EMPTY_STATS
+    seconds: dict[str, float] = field(default_factory=lambda: {"merge": 0.0, "write": 0.0})
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype for a recipe dtype name."""
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The recipe name of a torch dtype."""
+    return next(name for name, value in _DTYPES.items() if value == dtype)
+
+
+def register_methods() -> None:
+    """Make sure this package's methods are in MergeKit's registry (MergeKit imported first)."""
+    import mergekit.merge_methods  # noqa: F401  (the autoload hook may register on this import)
+
+    from mergekit_sae.methods import register_all
+
+    register_all()
+
+
+def open_model(path: Path) -> LazyTensorLoader:
+    """A lazy loader over a model directory's safetensors (or .bin) shards."""
+    try:
+        return LazyTensorLoader(ShardedTensorIndex.from_disk(str(path)))
+    except (RuntimeError, FileNotFoundError) as error:
+        raise MergeInputError(f"{path}: no model weights found ({error})") from error
+
+
+def tensor_names(loaders: Sequence[LazyTensorLoader], paths: Sequence[Path]) -> list[str]:
+    """Tensor names shared by every model, in the first model's shard order; error on mismatch."""
+    first = loaders[0].index.tensor_paths
+    names = set(first)
+    for loader, path in zip(loaders[1:], paths[1:], strict=False):
+        other = set(loader.index.tensor_paths)
+        if other != names:
+            missing = sorted(names - other)[:3]
+            extra = sorted(other - names)[:3]
+            raise MergeInputError(
+                f"{path} does not hold the same tensors as {paths[0]}: "
+                f"missing {missing or 'none'}, extra {extra or 'none'}"
+            )
+    return sorted(names, key=lambda name: (first[name], name))
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a model's tensors, read from the safetensors headers only."""
+    from safetensors import safe_open
+
+    index = open_model(path).index
+    if not index.is_safetensors:
+        return {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in index.shards:
+        with safe_open(str(Path(index.base_path) / shard.filename), framework="pt") as handle:
+            for name in shard.contained_keys:
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+    return shapes
+
+
+def check_compatible(paths: Sequence[Path]) -> None:
+    """Raise naming the first tensor whose presence or shape differs between the models."""
+    reference = tensor_shapes(paths[0])
+    for path in paths[1:]:
+        shapes = tensor_shapes(path)
+        if not reference or not shapes:
+            continue
+        for name in sorted(set(reference) | set(shapes)):
+            if name not in shapes or name not in reference:
+                holder, other = (paths[0], path) if name in reference else (path, paths[0])
+                raise MergeInputError(f"tensor {name!r} is in {holder} but not in {other}")
+            if shapes[name] != reference[name]:
+                raise MergeInputError(
+                    f"tensor {name!r}: shape {shapes[name]} in {path} differs from "
+                    f"{reference[name]} in {paths[0]}; the models cannot be merged"
+                )
+
+
+def check_shapes(name: str, tensors: Sequence[torch.Tensor], paths: Sequence[Path]) -> None:
+    """Raise naming the tensor and both shapes when the inputs' shapes differ."""
+    for tensor, path in zip(tensors[1:], paths[1:], strict=False):
+        if tensor.shape != tensors[0].shape:
+            raise MergeInputError(
+                f"tensor {name!r}: shape {tuple(tensor.shape)} in {path} differs from "
+                f"{tuple(tensors[0].shape)} in {paths[0]}; the models cannot be merged"
+            )
+
+
+def method_parameters(record: MergeRecord, ids: Sequence[str]) -> dict[str, object]:
+    """``merge_tensors`` parameters of a record: shared values, and per-model values by input id."""
+    parameters: dict[str, object] = dict(record.parameters)
+    for name in {key for item in record.inputs for key in item.parameters}:
+        parameters[name] = {
+            input_id: item.parameters[name]
+            for input_id, item in zip(ids, record.inputs, strict=False)
+            if name in item.parameters
+        }
+    return parameters
+
+
+def merge_tensor(
+    record: MergeRecord,
+    name: str,
+    tensors: Sequence[torch.Tensor],
+    parameters: dict[str, object],
+    ids: Sequence[str],
+    base_index: int | None,
+) -> torch.Tensor:
+    """Merge one tensor of every input (and the base, last) with the record's registered method."""
+    from mergekit.merge_methods import merge_tensors
+
+    if not tensors[0].is_floating_point():
+        return tensors[0]
+    return merge_tensors(
+        tensors,
+        record.method,
+        parameters=parameters,
+        ids=ids,
+        base_index=base_index,
+        name=name,
+        dtype=torch_dtype(record.dtype),
+        out_dtype=torch_dtype(record.dtype),
+    )
+
+
+def copy_config(reference: Path, out_dir: Path) -> None:
+    """Copy the configuration files that make a weights directory a loadable model."""
+    for filename in CONFIG_FILES:
+        if (reference / filename).is_file():
+            shutil.copy2(reference / filename, out_dir / filename)
+
+
+def stream_merge(
+    record: MergeRecord,
+    inputs: Sequence[Path],
+    base: Path | None,
+    out_dir: Path | None,
+    *,
+    device: str = "cpu",
+    sink: TensorSink | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    stats_on_delta: bool = False,
+) -> MergeOutcome:
+    """Merge ``inputs`` (in ``record.inputs`` order) tensor by tensor into ``out_dir``, atomically.
+
+    ``base`` is the record's base model directory (given to the method as the base input).
+    Each merged tensor goes to ``sink`` (when given) before it is written. ``out_dir`` appears
+    only once every shard and the configuration are written; an existing ``out_dir`` (left
+    by an interrupted step) is replaced; ``out_dir`` None merges into the sink only. Sparsity
+    statistics are taken of the merged tensors, or of merged - base with ``stats_on_delta``.
+    """
+    register_methods()
+    if len(inputs) != len(record.inputs):
+        raise ValueError(f"{len(record.inputs)} merge inputs recorded, {len(inputs)} given")
+    paths = [*inputs, *([base] if base is not None else [])]
+    ids = [f"input{i}" for i in range(len(inputs))] + (["base"] if base is not None else [])
+    base_index = len(inputs) if base is not None else None
+    loaders = [open_model(path) for path in paths]
+    names = tensor_names(loaders, paths)
+    parameters = method_parameters(record, ids)
+
+    if stats_on_delta and base_index is None:
+        raise ValueError("statistics of the delta need a base model")
+    tmp_dir = out_dir.with_name(f".tmp-{out_dir.name}") if out_dir is not None else None
+    writer = None
+    if tmp_dir is not None:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        writer = TensorWriter(str(tmp_dir), max_shard_size=shard_size, safe_serialization=True)
+    outcome = MergeOutcome()
+    for name in names:
+        start = time.perf_counter()
+        tensors = [loader.get_tensor(name, device=device) for loader in loaders]
+        check_shapes(name, tensors, paths)
+        merged = merge_tensor(record, name, tensors, parameters, ids, base_index)
+        if sink is not None:
+            sink(name, merged)
+        if merged.is_floating_point():
+            measured = merged - tensors[base_index].to(merged.dtype) if stats_on_delta else merged
+            outcome.stats = outcome.stats.merged(sparsity_stats(measured))
+        middle = time.perf_counter()
+        if writer is not None:
+            writer.save_tensor(name, merged.to("cpu"))
+        outcome.seconds["merge"] += middle - start
+        outcome.seconds["write"] += time.perf_counter() - middle
+    if writer is not None and out_dir is not None and tmp_dir is not None:
+        start = time.perf_counter()
+        writer.finalize()
+        copy_config(inputs[0], tmp_dir)
+        publish_dir(tmp_dir, out_dir)
+        outcome.seconds["write"] += time.perf_counter() - start
+    return outcome
+
+
+def publish_dir(tmp_dir: Path, out_dir: Path) -> None:
+    """Move a completed temporary directory into place, replacing a stale one."""
+    fsync_dir(tmp_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp_dir, out_dir)
+    fsync_dir(out_dir.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush every file of a directory and the directory entry itself to disk."""
+    for child in path.iterdir():
+        if child.is_file():
+            with open(child, "rb") as handle:
+                os.fsync(handle.fileno())
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def model_stats(path: Path, base: Path | None = None) -> SparsityStats:
+    """Global sparsity statistics of a model on disk (of model - base when a base is given)."""
+    loaders = [open_model(path)] + ([open_model(base)] if base is not None else [])
+    paths = [path] + ([base] if base is not None else [])
+    stats = EMPTY_STATS
+    for name in tensor_names(loaders, paths):
+        tensor = loaders[0].get_tensor(name)
+        if not tensor.is_floating_point():
+            continue
+        if base is not None:
+            reference = loaders[1].get_tensor(name)
+            check_shapes(name, [tensor, reference], paths)
+            tensor = tensor.to(torch.float32) - reference.to(torch.float32)
+        stats = stats.merged(sparsity_stats(tensor))
+    return stats
+
+
+def model_dtype(path: Path) -> str:
+    """The dtype a model's configuration declares (``float32`` when it declares none)."""
+    config_path = path / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return name if name in _DTYPES else "float32"

@@ -1,0 +1,210 @@
+"""The evolve recipe: a YAML file validated by pydantic, with errors that name the field.
+
+Relative paths (models, task files) resolve against the current directory, as in
+``mergekit-yaml``. A model that is not a local directory is taken as a Hugging Face Hub id
+and fetched (weights, configuration, tokenizer) before any work starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mergekit_sae.evaluate import TaskSpec
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+Baseline = Literal["parents", "linear"]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the file and the field."""
+
+
+class EvolveTask(TaskSpec):
+    """A task of the search: the evaluator spec plus how it enters the optimisation."""
+
+    subsample: int | None = Field(
+        None, ge=1, description="training items drawn afresh each step (None: all of them)"
+    )
+    test_subsample: int | None = Field(
+        None, ge=1, description="test items used for the final report (None: all of them)"
+    )
+    weight: float = Field(1.0, gt=0, description="weight of the task in the performance mean")
+
+
+class Schedule(BaseModel):
+    """The cyclic sparsity schedule: rate rises from s_min to s_max in cycles T0, T0*Tmult, ..."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    s_min: float = Field(0.1, ge=0.0, lt=1.0)
+    s_max: float = Field(0.6, ge=0.0, lt=1.0)
+    t0: int = Field(3, ge=1)
+    t_mult: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Schedule:
+        """s_min must not exceed s_max."""
+        if self.s_min > self.s_max:
+            raise ValueError(
+                f"s_min ({self.s_min}) is larger than s_max ({self.s_max}); "
+                "the rate rises from s_min to s_max"
+            )
+        return self
+
+
+class MergeSettings(BaseModel):
+    """Shared parameters of every ``sae_evolve`` merge (and the pruning target of ``sae_prune``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sparsity_weight: float = Field(1.0, ge=0.0, description="beta of omega = beta * rho")
+    sparsity_measure: Literal["zero_count", "magnitude"] = "zero_count"
+    sparsity_scope: Literal["global", "local"] = "global"
+    prune_target: Literal["weights", "delta"] = "weights"
+    redense: Literal["parents", "original"] = "parents"
+    renormalize: bool = True
+
+
+class Recipe(BaseModel):
+    """Everything `mergekit-sae evolve` needs; defaults are the paper's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[str] = Field(min_length=2, description="the dense parents (paths or Hub ids)")
+    base_model: str | None = Field(None, description="shared base (needed by prune_target delta)")
+    tasks: list[EvolveTask] = Field(min_length=1)
+    population_size: int = Field(6, ge=2, description="archive size (dense parents included)")
+    steps: int = Field(12, ge=1)
+    schedule: Schedule = Field(default_factory=Schedule)
+    fitness_sparsity_weight: float = Field(0.1, ge=0.0, description="beta_fit of the fitness")
+    merge: MergeSettings = Field(default_factory=MergeSettings)
+    rescore_population: bool = Field(
+        True, description="re-score every member on each step's fresh subsample"
+    )
+    seed: int = 0
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N (merging and scoring)")
+    dtype: Dtype | None = Field(None, description="dtype of merged weights (None: first parent's)")
+    eval_dtype: Dtype | None = Field(None, description="scoring dtype (None: fp32 CPU, bf16 GPU)")
+    eval_batch_size: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's)")
+    test_baselines: list[Baseline] = Field(
+        default_factory=lambda: ["parents", "linear"],
+        description="reference models scored on the test split for the summary",
+    )
+    shard_size: int = Field(5 * 1000**3, ge=1, description="bytes per safetensors shard")
+    keep_population: bool = Field(False, description="keep members' weights after the run")
+
+    @field_validator("models")
+    @classmethod
+    def _distinct_models(cls, value: list[str]) -> list[str]:
+        """The same model twice would only merge a model with itself."""
+        duplicates = sorted({m for m in value if value.count(m) > 1})
+        if duplicates:
+            raise ValueError(f"models are listed more than once: {duplicates}")
+        return value
+
+    @field_validator("tasks")
+    @classmethod
+    def _distinct_tasks(cls, value: list[EvolveTask]) -> list[EvolveTask]:
+        """Task names key the scores, so they must differ."""
+        names = [task.name for task in value]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"task names must be unique, repeated: {duplicates}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        """Cross-field rules: population holds every parent; delta pruning needs a base."""
+        if self.population_size < len(self.models):
+            raise ValueError(
+                f"population_size ({self.population_size}) must be at least the number of "
+                f"models ({len(self.models)}): every dense parent starts in the population"
+            )
+        if self.merge.prune_target == "delta" and self.base_model is None:
+            raise ValueError("merge.prune_target 'delta' prunes model - base: set base_model")
+        return self
+
+    def digest_fields(self) -> dict[str, Any]:
+        """The recipe as JSON data, for the checkpoint."""
+        return self.model_dump(mode="json")
+
+
+def field_path(location: tuple[int | str, ...]) -> str:
+    """A pydantic error location as a readable field path: tasks[0].type."""
+    text = ""
+    for part in location:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def format_validation_error(source: str, error: ValidationError) -> str:
+    """One line per problem: the file, the field and what is wrong."""
+    lines = []
+    for problem in error.errors():
+        where = field_path(tuple(problem["loc"])) or "(top level)"
+        message = problem["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: {where}: {message}")
+    return "\n".join(lines)
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """Validate recipe data; raise RecipeError naming the source and the fields."""
+    if not isinstance(data, dict):
+        raise RecipeError(
+            f"{source}: expected a mapping of recipe fields, got {type(data).__name__}"
+        )
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        raise RecipeError(format_validation_error(source, error)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: not valid YAML ({error})") from None
+    return parse_recipe(data, str(path))
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether a model name can only be a local path (a Hub id is exactly ``owner/name``)."""
+    return (
+        name.startswith((".", "/", "~"))
+        or name.count("/") != 1
+        or "\\" in name
+        or Path(name).suffix in (".safetensors", ".bin")
+    )
+
+
+def resolve_model(name: str, field: str, source: str = "recipe") -> Path:
+    """The local directory of a model: the path itself, or a Hub snapshot fetched now."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise RecipeError(f"{source}: {field}: {path} has no config.json (not a model folder)")
+        return path.absolute()
+    if looks_like_path(name):
+        raise RecipeError(f"{source}: {field}: model directory {path} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        fetched = snapshot_download(
+            name,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"],
+        )
+    except Exception as error:
+        raise RecipeError(
+            f"{source}: {field}: {name!r} is not a local model directory and could not be "
+            f"fetched from the Hugging Face Hub ({type(error).__name__}: {error})"
+        ) from None
+    return Path(fetched)

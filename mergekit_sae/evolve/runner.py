@@ -1,0 +1,194 @@
+"""A whole run: check the output folder, resolve the recipe's models and tasks, evolve, finish.
+
+Everything that can fail on bad input (recipe fields, model paths, task files, an output
+folder in use) is checked here before any merge or evaluation starts.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mergekit_sae.evolve.checkpoint import (
+    RunState,
+    load_state,
+    remove_temporaries,
+    state_path,
+    work_dir,
+)
+from mergekit_sae.evolve.finish import finish
+from mergekit_sae.evolve.loop import RunContext, evolve
+from mergekit_sae.evolve.merging import MergeInputError, check_compatible, model_dtype
+from mergekit_sae.evolve.recipe import Recipe, RecipeError, resolve_model
+from mergekit_sae.evolve.scoring import Evaluator
+
+# Recipe fields a resumed run may change: they do not alter the steps already taken.
+RESUMABLE_CHANGES = ("steps", "device", "eval_batch_size", "keep_population", "test_baselines")
+
+
+class OutputFolderError(RuntimeError):
+    """The output folder cannot be used as asked (in use, or not a run to resume)."""
+
+
+@dataclass
+class ResolvedInputs:
+    """Local directories of the recipe's models, and the merge device and dtype."""
+
+    models: list[Path]
+    base: Path | None
+    device: str
+    dtype: str
+
+
+def recipe_changes(old: dict, new: dict) -> list[str]:
+    """Top-level recipe fields that differ between a checkpoint and the given recipe."""
+    keys = sorted(set(old) | set(new))
+    return [k for k in keys if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]
+
+
+def prepare_output(out: Path, recipe: Recipe, *, resume: bool, force: bool) -> RunState | None:
+    """Check OUT/ for the requested mode; return the checkpoint to continue from, if any.
+
+    A fresh run needs an empty (or absent) folder; ``force`` first deletes a previous run's
+    folder (one holding a checkpoint). ``resume`` continues the checkpoint, refusing a recipe
+    that changed; with no checkpoint yet it starts afresh.
+    """
+    used = out.exists() and any(out.iterdir())
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"{out} exists and is not a folder")
+    if resume:
+        state = load_state(out) if out.exists() else None
+        if state is None:
+            if used and not work_dir(out).is_dir():
+                raise OutputFolderError(
+                    f"{out} holds no evolve checkpoint ({state_path(out)} is missing); "
+                    "choose an empty folder for a new run"
+                )
+            shutil.rmtree(work_dir(out), ignore_errors=True)
+            return None
+        changed = recipe_changes(state.recipe, recipe.digest_fields())
+        if changed:
+            raise OutputFolderError(
+                f"the recipe differs from the one {out} was started with in: {', '.join(changed)}; "
+                "resume with the original recipe, or start over with --force"
+            )
+        state.recipe = recipe.digest_fields()
+        remove_temporaries(out)
+        return state
+    if used:
+        if not force:
+            raise OutputFolderError(
+                f"{out} is not empty; pass --resume to continue the run in it, or --force to "
+                "delete it and start over"
+            )
+        if not work_dir(out).is_dir():
+            raise OutputFolderError(
+                f"{out} is not empty and holds no evolve run, so --force will not delete it; "
+                "choose another output folder"
+            )
+        shutil.rmtree(out)
+    return None
+
+
+def resolve_inputs(recipe: Recipe, source: str) -> ResolvedInputs:
+    """Local model directories (Hub ids fetched now), the merge device and the merge dtype."""
+    from mergekit_sae.evaluate import resolve_device
+
+    models = [resolve_model(name, f"models[{i}]", source) for i, name in enumerate(recipe.models)]
+    base = resolve_model(recipe.base_model, "base_model", source) if recipe.base_model else None
+    try:
+        device, _ = resolve_device(recipe.device)
+    except ValueError as error:
+        raise RecipeError(f"{source}: device: {error}") from None
+    try:
+        check_compatible([*models, *([base] if base is not None else [])])
+    except MergeInputError as error:
+        raise RecipeError(f"{source}: models: {error}") from None
+    dtype = recipe.dtype or model_dtype(models[0])
+    return ResolvedInputs(models=models, base=base, device=str(device), dtype=dtype)
+
+
+def load_tasks(recipe: Recipe, source: str) -> list:
+    """Build every task and read its splits now, so a bad task fails before any work."""
+    from mergekit_sae.evaluate import load_task
+
+    tasks = []
+    for index, spec in enumerate(recipe.tasks):
+        try:
+            task = load_task(spec)
+            for split in ("train", "test"):
+                if not task.items(split):
+                    raise ValueError(f"its {split} split holds no items")
+        except Exception as error:
+            raise RecipeError(f"{source}: tasks[{index}] ({spec.name!r}): {error}") from None
+        tasks.append(task)
+    return tasks
+
+
+def resident_evaluator(recipe: Recipe, inputs: ResolvedInputs, tasks: list) -> Evaluator:
+    """The evaluator that scores with one resident copy of the first parent's architecture."""
+    from mergekit_sae.evaluate import ResidentModel
+    from mergekit_sae.evolve.scoring import ResidentEvaluator
+
+    resident = ResidentModel(inputs.models[0], device=inputs.device, dtype=recipe.eval_dtype)
+    return ResidentEvaluator(resident, tasks, batch_size=recipe.eval_batch_size)
+
+
+def configure_torch(recipe: Recipe, device: str) -> None:
+    """Thread count, and deterministic GPU kernels so that a resumed run repeats exactly."""
+    import os
+
+    import torch
+
+    if recipe.threads is not None:
+        torch.set_num_threads(recipe.threads)
+    if device.startswith("cuda"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def run(
+    recipe: Recipe,
+    out: Path,
+    *,
+    source: str = "recipe",
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    make_evaluator: Callable[[Recipe, ResolvedInputs], Evaluator] | None = None,
+    on_checkpoint: Callable[[RunState], None] | None = None,
+) -> RunState:
+    """Run or resume a search into ``out``; finish it when the last step is done.
+
+    ``make_evaluator`` replaces the resident-model evaluator (tests inject a fake one).
+    """
+    inputs = resolve_inputs(recipe, source)
+    configure_torch(recipe, inputs.device)
+    if make_evaluator is None:
+        tasks = load_tasks(recipe, source)
+
+        def make_evaluator(recipe: Recipe, inputs: ResolvedInputs) -> Evaluator:
+            return resident_evaluator(recipe, inputs, tasks)
+
+    state = prepare_output(out, recipe, resume=resume, force=force)
+    if state is not None and state.finished:
+        return state
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = RunContext(
+        recipe=recipe,
+        out=out,
+        models=inputs.models,
+        base=inputs.base,
+        evaluator=make_evaluator(recipe, inputs),
+        device=inputs.device,
+        dtype=inputs.dtype,
+        progress=progress,
+        shard_size=recipe.shard_size,
+    )
+    state = evolve(ctx, state, stop_after=stop_after, on_checkpoint=on_checkpoint)
+    if state.step >= recipe.steps:
+        state = finish(ctx, state)
+    return state

@@ -1,0 +1,84 @@
+"""What the search needs from an evaluator, and the evaluator that scores with one resident model.
+
+The loop only sees :class:`Evaluator`: task names and items, a way to make a model the
+current candidate (from disk, or tensor by tensor while it is being merged), and per-task
+scores of the current candidate. How a task is scored stays in :mod:`mergekit_sae.evaluate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+
+class Evaluator(Protocol):
+    """Scores one candidate model at a time on named tasks."""
+
+    task_names: Sequence[str]
+
+    def items(self, task: str, split: str) -> list[Any]:
+        """All items of a task's split (``train`` or ``test``)."""
+        ...
+
+    def receive(self, name: str, tensor: torch.Tensor) -> None:
+        """Take one tensor of the candidate being merged (the candidate becomes current)."""
+        ...
+
+    def load(self, path: Path) -> None:
+        """Make the model stored at ``path`` the current candidate."""
+        ...
+
+    def score(self, items: Mapping[str, Sequence[Any]]) -> dict[str, float]:
+        """Per-task score in [0, 1] of the current candidate on the given items."""
+        ...
+
+
+class ResidentEvaluator:
+    """Scores candidates with one model held in memory whose weights are replaced in place."""
+
+    def __init__(self, resident: Any, tasks: Sequence[Any], batch_size: int | None = None):
+        self.resident = resident
+        self.tasks = {task.name: task for task in tasks}
+        self.task_names = list(self.tasks)
+        self.batch_size = batch_size
+        self._targets = resident.model.state_dict()
+
+    def items(self, task: str, split: str) -> list[Any]:
+        """All items of a task's split."""
+        return self.tasks[task].items(split)
+
+    def receive(self, name: str, tensor: torch.Tensor) -> None:
+        """Copy one merged tensor into the resident model's parameter of that name."""
+        from mergekit_sae.evaluate import WeightLoadError
+
+        target = self._targets.get(name)
+        if target is None:
+            raise WeightLoadError(f"merged tensor {name} is not a tensor of the scoring model")
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise WeightLoadError(
+                f"merged tensor {name} has shape {tuple(tensor.shape)}, "
+                f"the scoring model expects {tuple(target.shape)}"
+            )
+        with torch.no_grad():
+            target.copy_(tensor)
+
+    def load(self, path: Path) -> None:
+        """Copy a model's weights from disk into the resident model."""
+        self.resident.load_weights(path)
+
+    def score(self, items: Mapping[str, Sequence[Any]]) -> dict[str, float]:
+        """Each task's aggregate score of the resident model on its items."""
+        results = {}
+        for name, task_items in items.items():
+            task = self.tasks[name]
+            per_item = task.score(
+                self.resident.model,
+                self.resident.tokenizer,
+                list(task_items),
+                batch_size=self.batch_size,
+            )
+            results[name] = task.aggregate(per_item)
+        return results

@@ -1,0 +1,279 @@
+"""The SAE per-tensor merge (paper eq. 5 with sparsity-aware weights) and its MergeKit wrapper.
+
+For parents k = 1..K of one tensor, with scores s_k and sparsity rho_k:
+
+    lambda_k = (s_k + beta * rho_k) / sum_j (s_j + beta * rho_j)
+    merged   = sum_k lambda_k * theta_k / sum_k lambda_k * [theta_k != 0]   (renormalize=True)
+    merged   = sum_k lambda_k * theta_k                                     (renormalize=False)
+
+With ``prune_target="delta"`` every step (pruning, rho, attraction, re-densing) works on the
+task vectors theta_k - base and the base is added back at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from mergekit.merge_methods import PerNonBase, TensorGroup, merge_method
+from mergekit.merge_methods.base import BasePolicy, InputContract
+from torch import Tensor
+
+from mergekit_sae.sparsity import SPARSITY_MEASURES, prune, sparsity
+
+SPARSITY_SCOPES = ("local", "global")
+PRUNE_TARGETS = ("weights", "delta")
+REDENSE_MODES = ("parents", "original")
+
+
+def _choice(value: str, allowed: Sequence[str], field: str, name: str) -> None:
+    """Reject a string option outside its allowed values, naming the field and tensor."""
+    if value not in allowed:
+        raise ValueError(f"{name}: unknown {field} {value!r}; expected one of {', '.join(allowed)}")
+
+
+def _label(input_id: object) -> str:
+    """How an input is named in error messages: its model path, or its position."""
+    return f"input {input_id}" if isinstance(input_id, int) else f"model {input_id}"
+
+
+def sae_mixing_weights(
+    scores: Sequence[float],
+    rhos: Sequence[float],
+    sparsity_weight: float,
+    *,
+    labels: Sequence[str] | None = None,
+) -> list[float]:
+    """Eq. 5 for K models: lambda_k = (s_k + beta*rho_k) / sum_j (s_j + beta*rho_j)."""
+    if len(scores) != len(rhos):
+        raise ValueError(f"got {len(scores)} scores but {len(rhos)} sparsity values")
+    labels = list(labels) if labels is not None else [f"input {i}" for i in range(len(scores))]
+    if not math.isfinite(sparsity_weight) or sparsity_weight < 0:
+        raise ValueError(f"sparsity_weight must be a finite number >= 0, got {sparsity_weight}")
+    for label, score, rho in zip(labels, scores, rhos, strict=True):
+        if score is None:
+            raise ValueError(f"{label} has no score; set its `score` parameter")
+        if not math.isfinite(score) or score < 0:
+            raise ValueError(f"score of {label} must be a finite number >= 0, got {score}")
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"sparsity of {label} must be in [0, 1], got {rho}")
+    if not any(score > 0 for score in scores):
+        raise ValueError("all scores are zero; at least one model needs a positive score")
+    raw = [score + sparsity_weight * rho for score, rho in zip(scores, rhos, strict=True)]
+    total = sum(raw)
+    return [value / total for value in raw]
+
+
+def _compute_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    """float64 when any input is float64, float32 otherwise (like MergeKit's linear merge)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _check_tensors(tensors: Sequence[Tensor], labels: Sequence[str], name: str) -> None:
+    """Require equal shapes, floating point and finite values, naming the offending input."""
+    shapes = [tuple(t.shape) for t in tensors]
+    if len(set(shapes)) > 1:
+        described = ", ".join(
+            f"{label}: {shape}" for label, shape in zip(labels, shapes, strict=True)
+        )
+        raise ValueError(f"{name}: shape mismatch between models ({described})")
+    for label, tensor in zip(labels, tensors, strict=True):
+        if not tensor.is_floating_point():
+            raise TypeError(f"{name}: {label} is {tensor.dtype}, not a floating-point tensor")
+        if not bool(torch.isfinite(tensor).all()):
+            n_nan = int(torch.isnan(tensor).sum())
+            n_inf = int(torch.isinf(tensor).sum())
+            raise ValueError(f"{name}: {label} contains {n_nan} NaN and {n_inf} Inf values")
+
+
+def _per_model(values: Sequence | None, count: int, field: str, name: str) -> list | None:
+    """Check that a per-model parameter has one value per model."""
+    if values is None:
+        return None
+    values = list(values)
+    if len(values) != count:
+        raise ValueError(f"{name}: {field} has {len(values)} values for {count} models")
+    return values
+
+
+def _validate_options(
+    *,
+    sparsity_measure: str,
+    sparsity_scope: str,
+    prune_target: str,
+    redense: str,
+    offspring_density: float,
+    densities: Sequence[float],
+    labels: Sequence[str],
+    name: str,
+) -> None:
+    """Check the string options and densities before any tensor work."""
+    _choice(sparsity_measure, SPARSITY_MEASURES, "sparsity_measure", name)
+    _choice(sparsity_scope, SPARSITY_SCOPES, "sparsity_scope", name)
+    _choice(prune_target, PRUNE_TARGETS, "prune_target", name)
+    _choice(redense, REDENSE_MODES, "redense", name)
+    for label, density in zip(labels, densities, strict=True):
+        if not 0.0 < density <= 1.0:
+            raise ValueError(f"{name}: density of {label} must be in (0, 1], got {density}")
+    if not 0.0 < offspring_density <= 1.0:
+        raise ValueError(f"{name}: offspring_density must be in (0, 1], got {offspring_density}")
+
+
+def _attraction_mix(parts: Sequence[Tensor], weights: Sequence[float], renormalize: bool) -> Tensor:
+    """Weighted sum; with renormalize, divide each position by the weight of its non-zeros."""
+    total = torch.zeros_like(parts[0])
+    present = torch.zeros_like(parts[0]) if renormalize else None
+    for part, weight in zip(parts, weights, strict=True):
+        total.add_(part, alpha=weight)
+        if present is not None:
+            present.add_((part != 0).to(part.dtype), alpha=weight)
+    if present is None:
+        return total
+    return torch.where(present > 0, total / present.clamp_min(torch.finfo(present.dtype).tiny), 0)
+
+
+def sae_merge(
+    tensors: Sequence[Tensor],
+    scores: Sequence[float],
+    *,
+    densities: Sequence[float] | None = None,
+    sparsity_weight: float = 0.0,
+    sparsity_measure: str = "zero_count",
+    sparsity_scope: str = "local",
+    global_sparsity: Sequence[float] | None = None,
+    renormalize: bool = True,
+    prune_target: str = "weights",
+    base: Tensor | None = None,
+    offspring_density: float = 1.0,
+    redense: str = "parents",
+    dense_reference: Tensor | None = None,
+    name: str = "tensor",
+    labels: Sequence[str] | None = None,
+) -> Tensor:
+    """Merge K >= 2 parents of one tensor with sparsity-aware weights (DESIGN.md section 2).
+
+    Steps: prune each parent to its density -> rho of each (pruned) parent, or the given
+    global sparsity -> eq. 5 weights -> re-dense from `dense_reference` when redense is
+    "original" -> attraction mix -> prune the result to `offspring_density`. Computes in
+    float32 (float64 for float64 inputs) and returns the inputs' promoted dtype.
+    """
+    count = len(tensors)
+    labels = list(labels) if labels is not None else [f"input {i}" for i in range(count)]
+    if count < 2:
+        raise ValueError(f"{name}: sae_evolve needs at least 2 models to mix, got {count}")
+    scores = _per_model(scores, count, "score", name)
+    densities = _per_model(densities, count, "density", name) or [1.0] * count
+    _validate_options(
+        sparsity_measure=sparsity_measure,
+        sparsity_scope=sparsity_scope,
+        prune_target=prune_target,
+        redense=redense,
+        offspring_density=offspring_density,
+        densities=densities,
+        labels=labels,
+        name=name,
+    )
+    try:  # scores and the sparsity weight, before any tensor work
+        sae_mixing_weights(scores, [0.0] * count, sparsity_weight, labels=labels)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from error
+    if prune_target == "delta" and base is None:
+        raise ValueError(f"{name}: prune_target 'delta' needs a base_model")
+    if redense == "original" and dense_reference is None:
+        raise ValueError(
+            f"{name}: redense 'original' needs a dense reference; "
+            "mark a model with `dense_reference: true`"
+        )
+    rhos = None
+    if sparsity_scope == "global":
+        rhos = _per_model(global_sparsity, count, "global_sparsity", name)
+        missing = [
+            label for label, rho in zip(labels, rhos or [None] * count, strict=True) if rho is None
+        ]
+        if missing:
+            raise ValueError(
+                f"{name}: sparsity_scope 'global' needs each model's `global_sparsity` "
+                f"(missing for {', '.join(missing)}); pass it per model, or run the recipe with "
+                "`mergekit-sae merge`, which computes it"
+            )
+
+    extras = [("base_model", base), ("dense reference", dense_reference)]
+    extras = [(label, t) for label, t in extras if t is not None]
+    _check_tensors(list(tensors) + [t for _, t in extras], labels + [lb for lb, _ in extras], name)
+
+    out_dtype = tensors[0].dtype
+    for tensor in tensors[1:]:
+        out_dtype = torch.promote_types(out_dtype, tensor.dtype)
+    dtype = _compute_dtype(list(tensors) + [t for _, t in extras])
+    origin = base.to(dtype) if prune_target == "delta" else None
+
+    parts = []
+    for tensor, density in zip(tensors, densities, strict=True):
+        part = tensor.to(dtype)
+        part = part - origin if origin is not None else part
+        parts.append(prune(part, density))
+    if rhos is None:
+        rhos = [sparsity(part, sparsity_measure) for part in parts]
+    try:
+        weights = sae_mixing_weights(scores, rhos, sparsity_weight, labels=labels)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from error
+
+    if redense == "original":
+        reference = dense_reference.to(dtype)
+        reference = reference - origin if origin is not None else reference
+        parts = [torch.where(part == 0, reference, part) for part in parts]
+
+    merged = prune(_attraction_mix(parts, weights, renormalize), offspring_density)
+    if origin is not None:
+        merged = merged.add_(origin)
+    return merged.to(out_dtype)
+
+
+@merge_method(
+    name="sae_evolve",
+    pretty_name="Sparsity-Aware Evolution merge",
+    reference_url="https://arxiv.org/abs/2602.08218",
+    contract=InputContract(base=BasePolicy.OPTIONAL, min_non_base=2),
+)
+def sae_evolve_merge(
+    group: TensorGroup,
+    score: PerNonBase[float | None] = None,
+    density: PerNonBase[float] = 1.0,
+    global_sparsity: PerNonBase[float | None] = None,
+    dense_reference: PerNonBase[bool] = False,
+    sparsity_weight: float = 0.0,
+    sparsity_measure: str = "zero_count",
+    sparsity_scope: str = "local",
+    renormalize: bool = True,
+    prune_target: str = "weights",
+    offspring_density: float = 1.0,
+    redense: str = "parents",
+) -> Tensor:
+    """MergeKit adapter: split the group into parents, base and dense references for sae_merge."""
+    name = group.metadata.name or "tensor"
+    references = [e for e in group.non_base if dense_reference[e.id]]
+    parents = [e for e in group.non_base if not dense_reference[e.id]]
+    reference = None
+    if references:
+        dtype = _compute_dtype([e.tensor for e in references])
+        reference = torch.stack([e.tensor.to(dtype) for e in references]).mean(dim=0)
+    result = sae_merge(
+        [e.tensor for e in parents],
+        [score[e.id] for e in parents],
+        densities=[density[e.id] for e in parents],
+        sparsity_weight=sparsity_weight,
+        sparsity_measure=sparsity_measure,
+        sparsity_scope=sparsity_scope,
+        global_sparsity=[global_sparsity[e.id] for e in parents],
+        renormalize=renormalize,
+        prune_target=prune_target,
+        base=group.base.tensor if group.base is not None else None,
+        offspring_density=offspring_density,
+        redense=redense,
+        dense_reference=reference,
+        name=name,
+        labels=[_label(e.id) for e in parents],
+    )
+    return result.to(group.entries[0].tensor.dtype)

@@ -1,0 +1,170 @@
+"""`build_testbed`: draw the data, train the three models, score them, write it all atomically."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from mergekit_sae.testbed.config import TestbedConfig
+from mergekit_sae.testbed.data import TASKS, make_data, task_file, task_specs, write_data
+from mergekit_sae.testbed.merges import STATIC_MERGES, static_merge
+from mergekit_sae.testbed.models import finetune_math, finetune_multilingual, pretrain_base
+from mergekit_sae.testbed.quality import format_table, quality_checks, score_models
+
+MODELS = ("base", "math", "multilingual")
+REPORT = "report.json"
+# Bumped whenever the builder's code changes what a config produces (part of the cache key).
+BUILDER_VERSION = 1
+
+
+class TestbedError(RuntimeError):
+    """A testbed folder cannot be built, reused or read as asked."""
+
+    __test__ = False  # not a pytest class
+
+
+def cache_key(config: TestbedConfig) -> str:
+    """What a finished testbed must have been built with to be reused."""
+    return f"v{BUILDER_VERSION}-{config.fingerprint()}"
+
+
+def load_report(root: str | Path) -> dict:
+    """The report of a built testbed; a clear error when the folder is not one."""
+    path = Path(root) / REPORT
+    if not path.is_file():
+        raise TestbedError(f"{root} is not a built testbed: {path} is missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TestbedError(f"{path} is not valid JSON ({e.msg}); rebuild with --force") from e
+
+
+def is_complete(root: Path) -> bool:
+    """True when every model folder and data file of a testbed exists."""
+    models = all((root / m / "config.json").is_file() for m in MODELS)
+    data = all(task_file(root, t, s).is_file() for t in TASKS for s in ("train", "test"))
+    return models and data and (root / REPORT).is_file()
+
+
+@contextmanager
+def torch_threads(threads: int | None):
+    """Run the block with `threads` torch threads (None: leave torch's setting)."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def build_testbed(
+    out: str | Path = "testbed",
+    config: TestbedConfig | None = None,
+    *,
+    force: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Build the testbed into `out` and return its report; reuse `out` when it was already
+    built with the same settings (unless `force`)."""
+    config = config or TestbedConfig()
+    out = Path(out).absolute()
+    say = log or (lambda _message: None)
+    if out.exists() and not force:
+        if is_complete(out) and load_report(out).get("cache_key") == cache_key(config):
+            say(f"{out} is already built with these settings (use --force to rebuild)")
+            return load_report(out)
+        raise TestbedError(
+            f"{out} exists and was not built with these settings; pass --force to replace it "
+            "or choose another --out"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        report = _build_into(work, config, say)
+        _replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return report
+
+
+def _replace(work: Path, out: Path) -> None:
+    """Move the finished `work` folder to `out`, replacing an old testbed there."""
+    if not out.exists():
+        work.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+    out.rename(old / out.name)
+    work.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _build_into(work: Path, config: TestbedConfig, say) -> dict:
+    """Train, save and score everything inside `work`; the report's paths are relative."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    start = time.perf_counter()
+    timings = {}
+    with torch_threads(config.threads):
+        data = make_data(config)
+        write_data(work, data)
+        say(
+            f"data: vocabulary {len(data.tokenizer)} words, "
+            + ", ".join(
+                f"{t} {len(s['train'])}/{len(s['test'])} train/test" for t, s in data.splits.items()
+            )
+        )
+        stages = (
+            ("base", lambda models: pretrain_base(config, data, log=say)),
+            ("math", lambda models: finetune_math(config, data, models["base"], log=say)),
+            ("multilingual",
+             lambda models: finetune_multilingual(config, data, models["base"], log=say)),
+        )  # fmt: skip
+        models = {}
+        for name, make in stages:
+            say(f"training {name} model")
+            t0 = time.perf_counter()
+            models[name] = make(models)
+            models[name].save_pretrained(work / name)
+            data.tokenizer.save_pretrained(work / name)
+            timings[name] = round(time.perf_counter() - t0, 1)
+        say("scoring on the test splits")
+        t0 = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(work / "base")
+        rows = {name: AutoModelForCausalLM.from_pretrained(work / name).eval() for name in MODELS}
+        experts = {name: rows[name] for name in MODELS[1:]}
+        for merge in STATIC_MERGES:
+            merged = AutoModelForCausalLM.from_pretrained(work / "base").eval()
+            merged.load_state_dict(static_merge(merge, rows["base"], experts))
+            rows[merge] = merged
+        table = score_models(rows, tokenizer, task_specs(work))
+        timings["scoring"] = round(time.perf_counter() - t0, 1)
+    checks = quality_checks(table)
+    report = {
+        "cache_key": cache_key(config),
+        "config": config.model_dump(mode="json"),
+        "models": {name: name for name in MODELS},  # folders relative to the testbed
+        "tasks": task_specs(Path()),  # JSONL paths relative to the testbed
+        "accuracy": table,
+        "static_merges": {
+            name: {"method": method, "parameters": params, "uses_base": with_base}
+            for name, (method, params, with_base) in STATIC_MERGES.items()
+        },
+        "quality_checks": checks,
+        "quality_passed": all(checks.values()),
+        "parameters": sum(p.numel() for p in rows["base"].parameters()),
+        "seconds": {**timings, "total": round(time.perf_counter() - start, 1)},
+    }
+    (work / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    say(format_table(table, checks))
+    return report

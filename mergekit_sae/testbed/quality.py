@@ -1,0 +1,57 @@
+"""The quality table: test accuracy of the base, the experts and static merges on both tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+EXPERT_MIN = 0.80  # each expert on its own task
+SPECIALISATION_GAP = 0.30  # the other expert is at least this much worse on a task
+
+# task -> the expert trained on it
+EXPERT_OF = {"math": "math", "multilingual": "multilingual"}
+
+
+def score_models(models: Mapping[str, torch.nn.Module], tokenizer, specs: Mapping[str, dict]):
+    """Test accuracy of each model on each task, with `mergekit_sae.evaluate`'s scorers."""
+    from mergekit_sae.evaluate import load_task
+
+    tasks = {name: load_task(spec) for name, spec in specs.items()}
+    items = {name: task.items("test") for name, task in tasks.items()}
+    table: dict[str, dict[str, float]] = {}
+    with torch.inference_mode():
+        for row, model in models.items():
+            table[row] = {
+                name: task.aggregate(task.score(model, tokenizer, items[name]))
+                for name, task in tasks.items()
+            }
+    return table
+
+
+def quality_checks(table: Mapping[str, Mapping[str, float]]) -> dict[str, bool]:
+    """The testbed's quality bar, one named check per condition."""
+    checks = {}
+    for task, expert in EXPERT_OF.items():
+        own = table[expert][task]
+        checks[f"{expert} expert >= {EXPERT_MIN:.2f} on {task}"] = own >= EXPERT_MIN
+        for other in EXPERT_OF.values():
+            if other != expert:
+                checks[
+                    f"{other} expert <= {expert} expert - {SPECIALISATION_GAP:.2f} on {task}"
+                ] = table[other][task] <= own - SPECIALISATION_GAP
+        checks[f"base < {expert} expert on {task}"] = table["base"][task] < own
+    return checks
+
+
+def format_table(table: Mapping[str, Mapping[str, float]], checks: Mapping[str, bool]) -> str:
+    """The table and the checks as aligned text."""
+    tasks = list(next(iter(table.values())))
+    width = max(len(row) for row in table) + 2
+    lines = ["model".ljust(width) + "".join(t.rjust(14) for t in tasks)]
+    for row, scores in table.items():
+        lines.append(row.ljust(width) + "".join(f"{scores[t]:14.3f}" for t in tasks))
+    lines.append("")
+    for name, ok in checks.items():
+        lines.append(f"[{'ok' if ok else 'FAIL'}] {name}")
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""Training of the testbed models: causal LM loss on the target part of (context, target) pairs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from mergekit_sae.testbed.config import StageConfig
+
+Example = tuple[str, str]  # (context that gets no loss, target the model learns to continue with)
+
+
+def encode_batch(tokenizer, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+    """Tokenize `context + target + EOS` right-padded, with labels only on target and EOS."""
+    contexts = tokenizer([c for c, _ in examples])["input_ids"]
+    targets = tokenizer([t for _, t in examples], add_special_tokens=False)["input_ids"]
+    rows = [c + t + [tokenizer.eos_token_id] for c, t in zip(contexts, targets, strict=True)]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row, context) in enumerate(zip(rows, contexts, strict=True)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        labels[i, len(context) : len(row)] = torch.tensor(row[len(context) :])
+        attention_mask[i, : len(row)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def lr_at(step: int, stage: StageConfig) -> float:
+    """Linear warmup to `stage.lr`, then cosine decay to a tenth of it."""
+    if step < stage.warmup:
+        return stage.lr * (step + 1) / stage.warmup
+    progress = (step - stage.warmup) / max(1, stage.steps - stage.warmup)
+    return stage.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(
+    model,
+    tokenizer,
+    draw_batch: Callable[[int], Sequence[Example]],
+    stage: StageConfig,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> list[float]:
+    """Run `stage.steps` AdamW steps on batches from `draw_batch(batch_size)`; return the losses."""
+    model.train()
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=stage.lr, betas=(0.9, 0.98), weight_decay=stage.weight_decay
+    )
+    losses = []
+    for step in range(stage.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, stage)
+        loss = model(**encode_batch(tokenizer, draw_batch(stage.batch_size))).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if log and (step + 1) % max(1, stage.steps // 5) == 0:
+            log(f"step {step + 1}/{stage.steps} loss {sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    model.eval()
+    return losses

@@ -1,0 +1,254 @@
+"""The SAE per-tensor merge against plain-torch references, properties, registered method."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mergekit.merge_methods import get, merge_tensors, registered_methods
+
+from mergekit_sae.methods import register_all
+from mergekit_sae.methods.sae_evolve import sae_merge, sae_mixing_weights
+
+
+def eq5(scores, rhos, beta):
+    """Paper eq. 5, written out independently."""
+    raw = [s + beta * r for s, r in zip(scores, rhos, strict=True)]
+    return [v / sum(raw) for v in raw]
+
+
+def sparse_tensors(count, shape=(16, 12), zero_fractions=(0.0, 0.3, 0.6), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    tensors = []
+    for index in range(count):
+        tensor = torch.randn(*shape, generator=generator)
+        mask = torch.rand(*shape, generator=generator) >= zero_fractions[index]
+        tensors.append(tensor * mask)
+    return tensors
+
+
+def reference_merge(tensors, weights, renormalize):
+    """sum_k w_k x_k, divided per position by the weight of non-zero entries when renormalizing."""
+    stacked = torch.stack([t.double() for t in tensors])
+    w = torch.tensor(weights, dtype=torch.float64).view(-1, 1, 1)
+    total = (w * stacked).sum(0)
+    if not renormalize:
+        return total
+    present = (w * (stacked != 0)).sum(0)
+    return torch.where(present > 0, total / present.clamp_min(1e-300), torch.zeros_like(total))
+
+
+@pytest.mark.parametrize("count", [2, 3])
+@pytest.mark.parametrize("measure", ["zero_count", "magnitude"])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_local_scope_matches_eq5_reference(count, measure, renormalize):
+    tensors = sparse_tensors(count)
+    scores = [0.7, 0.2, 0.45][:count]
+    beta = 0.8
+    if measure == "zero_count":
+        rhos = [float((t == 0).double().mean()) for t in tensors]
+    else:
+        rhos = []
+        for t in tensors:
+            x = t.double().flatten()
+            n = x.numel()
+            rhos.append(float((n**0.5 - x.abs().sum() / x.norm()) / (n**0.5 - 1)))
+    weights = eq5(scores, rhos, beta)
+    merged = sae_merge(
+        tensors, scores, sparsity_weight=beta, sparsity_measure=measure, renormalize=renormalize
+    )
+    expected = reference_merge(tensors, weights, renormalize)
+    torch.testing.assert_close(merged.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_global_scope_uses_the_given_model_sparsity_for_every_tensor():
+    tensors = sparse_tensors(2)
+    scores, globals_, beta = [0.5, 0.4], [0.9, 0.05], 2.0
+    merged = sae_merge(
+        tensors, scores, sparsity_weight=beta, sparsity_scope="global", global_sparsity=globals_
+    )
+    expected = reference_merge(tensors, eq5(scores, globals_, beta), True)
+    torch.testing.assert_close(merged.double(), expected, rtol=1e-5, atol=1e-6)
+    local = sae_merge(tensors, scores, sparsity_weight=beta)
+    assert not torch.allclose(local, merged)
+
+
+def test_attraction_lone_survivor_keeps_full_value_only_with_renormalize():
+    a = torch.tensor([[0.0, 2.0], [1.0, 0.0]])
+    b = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    on = sae_merge([a, b], [0.75, 0.25])
+    off = sae_merge([a, b], [0.75, 0.25], renormalize=False)
+    assert on[0, 0] == 3.0 and on[1, 0] == 1.0 and on[1, 1] == 0.0
+    assert off[0, 0] == pytest.approx(0.75)
+    assert on[0, 1] == pytest.approx(0.75 * 2 + 0.25 * 4)
+
+
+def test_density_prunes_each_parent_before_mixing():
+    tensors = sparse_tensors(2, zero_fractions=(0.0, 0.0))
+    merged = sae_merge(tensors, [0.5, 0.5], densities=[0.25, 1.0], sparsity_weight=1.0)
+    pruned_a = tensors[0] * (tensors[0].abs() >= tensors[0].abs().flatten().kthvalue(145).values)
+    assert int((pruned_a != 0).sum()) == round(0.25 * 192)
+    rhos = [0.75, 0.0]
+    expected = reference_merge([pruned_a, tensors[1]], eq5([0.5, 0.5], rhos, 1.0), True)
+    torch.testing.assert_close(merged.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_delta_target_prunes_and_mixes_task_vectors():
+    generator = torch.Generator().manual_seed(7)
+    base = torch.randn(10, 10, generator=generator)
+    deltas = [torch.randn(10, 10, generator=generator) for _ in range(2)]
+    tensors = [base + d for d in deltas]
+    merged = sae_merge(tensors, [0.6, 0.3], densities=[0.4, 0.4], prune_target="delta", base=base)
+    kept = [d.abs() >= d.abs().flatten().kthvalue(61).values for d in deltas]
+    pruned = [(t - base) * m for t, m in zip(tensors, kept, strict=True)]
+    expected = base.double() + reference_merge(pruned, [2 / 3, 1 / 3], True)
+    torch.testing.assert_close(merged.double(), expected, rtol=1e-5, atol=1e-5)
+    both_pruned = ~kept[0] & ~kept[1]
+    assert bool(both_pruned.any())
+    assert torch.equal(merged[both_pruned], base[both_pruned])
+
+
+def test_offspring_density_prunes_the_result():
+    tensors = sparse_tensors(2, zero_fractions=(0.0, 0.0))
+    dense = sae_merge(tensors, [1.0, 1.0])
+    sparse = sae_merge(tensors, [1.0, 1.0], offspring_density=0.3)
+    kept = sparse != 0
+    assert int(kept.sum()) == round(0.3 * dense.numel())
+    assert torch.equal(sparse[kept], dense[kept])
+
+
+def test_redense_original_fills_zeros_from_the_dense_reference():
+    a = torch.tensor([0.0, 1.0, 0.0, 2.0])
+    b = torch.tensor([4.0, 0.0, 0.0, 2.0])
+    reference = torch.tensor([10.0, 20.0, 30.0, 40.0])
+    merged = sae_merge([a, b], [0.5, 0.5], redense="original", dense_reference=reference)
+    filled_a = torch.tensor([10.0, 1.0, 30.0, 2.0])
+    filled_b = torch.tensor([4.0, 20.0, 30.0, 2.0])
+    torch.testing.assert_close(merged, (filled_a + filled_b) / 2)
+    parents = sae_merge([a, b], [0.5, 0.5])
+    torch.testing.assert_close(parents, torch.tensor([4.0, 1.0, 0.0, 2.0]))
+
+
+def test_registered_method_matches_sae_merge_with_base_and_dense_reference():
+    register_all()
+    register_all()  # idempotent
+    assert [m.spec.name for m in registered_methods()].count("sae_evolve") == 1
+    generator = torch.Generator().manual_seed(9)
+    base, a, b, ref1, ref2 = (torch.randn(8, 6, generator=generator) for _ in range(5))
+    a[a.abs() < 0.4] = 0
+    parameters = {
+        "score": [0.6, 0.3, None, None],
+        "density": [0.5, 0.8, 1.0, 1.0],
+        "dense_reference": [False, False, True, True],
+        "sparsity_weight": 0.5,
+        "redense": "original",
+        "prune_target": "delta",
+    }
+    via_mergekit = merge_tensors(
+        [base, a, b, ref1, ref2], "sae_evolve", parameters=parameters, base_index=0, name="w"
+    )
+    direct = sae_merge(
+        [a, b],
+        [0.6, 0.3],
+        densities=[0.5, 0.8],
+        sparsity_weight=0.5,
+        redense="original",
+        dense_reference=(ref1 + ref2) / 2,
+        prune_target="delta",
+        base=base,
+    )
+    torch.testing.assert_close(via_mergekit, direct)
+    assert get("sae_prune").spec.name == "sae_prune"
+
+
+def test_bf16_inputs_are_computed_in_float32_and_returned_as_bf16():
+    tensors = [t.to(torch.bfloat16) for t in sparse_tensors(2)]
+    merged = merge_tensors(tensors, "sae_evolve", parameters={"score": [0.3, 0.6]})
+    expected = sae_merge([t.float() for t in tensors], [0.3, 0.6]).to(torch.bfloat16)
+    assert merged.dtype == torch.bfloat16
+    assert torch.equal(merged, expected)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"scores": [-0.1, 0.5]}, "score of input 0 must be a finite number >= 0"),
+        ({"scores": [0.0, 0.0]}, "all scores are zero"),
+        ({"densities": [0.0, 1.0]}, r"density of input 0 must be in \(0, 1\]"),
+        ({"densities": [1.0, 1.2]}, r"density of input 1 must be in \(0, 1\]"),
+        ({"offspring_density": 0.0}, r"offspring_density must be in \(0, 1\]"),
+        ({"sparsity_measure": "l1"}, "unknown sparsity_measure 'l1'"),
+        ({"sparsity_scope": "layer"}, "unknown sparsity_scope 'layer'"),
+        ({"sparsity_scope": "global"}, "needs each model's `global_sparsity`"),
+        ({"prune_target": "delta"}, "prune_target 'delta' needs a base_model"),
+        ({"redense": "original"}, "needs a dense reference"),
+    ],
+)
+def test_bad_options_name_the_tensor_and_cause(kwargs, message):
+    tensors = sparse_tensors(2)
+    arguments = {"scores": [0.5, 0.5], **kwargs}
+    with pytest.raises(ValueError, match=message) as error:
+        sae_merge(tensors, arguments.pop("scores"), name="model.norm.weight", **arguments)
+    assert str(error.value).startswith("model.norm.weight: ")
+
+
+def test_bad_tensors_name_the_tensor_and_cause():
+    a, b = sparse_tensors(2)
+    with pytest.raises(ValueError, match=r"embed: shape mismatch .*\(16, 12\).*\(15, 12\)"):
+        sae_merge([a, b[:15]], [0.5, 0.5], name="embed")
+    b[3, 3] = float("nan")
+    b[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="embed: input 1 contains 1 NaN and 1 Inf values"):
+        sae_merge([a, b], [0.5, 0.5], name="embed")
+    with pytest.raises(ValueError, match="at least 2 models"):
+        sae_merge([a], [0.5], name="embed")
+
+
+scores_strategy = st.lists(st.floats(0.0, 1.0), min_size=2, max_size=5).filter(
+    lambda s: sum(s) > 1e-6
+)
+
+
+@given(scores=scores_strategy, data=st.data(), beta=st.floats(0.0, 5.0))
+def test_weights_sum_to_one_and_lie_in_unit_interval(scores, data, beta):
+    rhos = data.draw(st.lists(st.floats(0.0, 1.0), min_size=len(scores), max_size=len(scores)))
+    weights = sae_mixing_weights(scores, rhos, beta)
+    assert sum(weights) == pytest.approx(1.0)
+    assert all(0.0 <= w <= 1.0 for w in weights)
+
+
+@given(scores=scores_strategy, data=st.data(), beta=st.floats(0.0, 5.0), raise_by=st.floats(0, 2))
+def test_raising_a_score_never_lowers_its_weight(scores, data, beta, raise_by):
+    rhos = data.draw(st.lists(st.floats(0.0, 1.0), min_size=len(scores), max_size=len(scores)))
+    index = data.draw(st.integers(0, len(scores) - 1))
+    before = sae_mixing_weights(scores, rhos, beta)[index]
+    higher = list(scores)
+    higher[index] += raise_by
+    assert sae_mixing_weights(higher, rhos, beta)[index] >= before - 1e-12
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    count=st.integers(2, 4),
+    zero_fraction=st.floats(0.0, 0.9),
+    measure=st.sampled_from(["zero_count", "magnitude"]),
+    renormalize=st.booleans(),
+    beta=st.floats(0.0, 3.0),
+)
+def test_merging_identical_models_returns_that_model(
+    seed, count, zero_fraction, measure, renormalize, beta
+):
+    generator = torch.Generator().manual_seed(seed)
+    tensor = torch.randn(9, 7, generator=generator)
+    tensor = tensor * (torch.rand(9, 7, generator=generator) >= zero_fraction)
+    scores = [0.1 + i / 10 for i in range(count)]
+    merged = sae_merge(
+        [tensor.clone() for _ in range(count)],
+        scores,
+        sparsity_weight=beta,
+        sparsity_measure=measure,
+        renormalize=renormalize,
+    )
+    torch.testing.assert_close(merged, tensor, rtol=1e-6, atol=1e-7)
