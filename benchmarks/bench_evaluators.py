@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--testbed", type=Path, default=REPO / "testbed")
     parser.add_argument("--n", type=int, default=200, help="items per task type")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
     args = parser.parse_args()

@@ -131,7 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", default=None, help="base for task arithmetic/TIES")
     parser.add_argument("--work", type=Path, default=None, help="folder for runs and merges")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--tag", default="", help="suffix of the result files (quality-TAG.*)")
+    parser.add_argument(
+        "--combine", type=Path, nargs="+", help="merge quality-*.json files into quality.md/json"
+    )
     args = parser.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.results)
 
     from mergekit_sae.evolve.loop import RunContext, task_weights, test_items
     from mergekit_sae.evolve.recipe import load_recipe
@@ -193,12 +199,38 @@ def main(argv: list[str] | None = None) -> int:
         "evolve_seconds": seconds,
         "total_seconds": time.perf_counter() - started,
     }
-    report = markdown(rows, names, meta)
+    meta["tasks"] = names
+    write_results(args.results, f"quality{'-' + args.tag if args.tag else ''}", meta, rows)
+    return 0
+
+
+def write_results(folder: Path, stem: str, meta: dict[str, Any], rows: list[dict]) -> None:
+    """Print the Markdown report and write it with the JSON data as ``folder/stem.{md,json}``."""
+    report = markdown(rows, meta["tasks"], meta)
     print()
     print(report)
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "quality.md").write_text(report)
-    (args.results / "quality.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.md").write_text(report)
+    (folder / f"{stem}.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+
+
+def combine(files: list[Path], folder: Path) -> int:
+    """Merge the rows of partial runs (e.g. one per scope, run side by side) into one report."""
+    parts = [json.loads(path.read_text()) for path in files]
+    rows, seen = [], set()
+    for part in parts:
+        for r in part["rows"]:
+            key = (r["seed"], r["model"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(r)
+    order = {model: i for i, model in enumerate(dict.fromkeys(r["model"] for r in rows))}
+    rows.sort(key=lambda r: (r["seed"], r["kind"] == "evolved", order[r["model"]]))
+    meta = {k: v for k, v in parts[0].items() if k != "rows"}
+    meta["seeds"] = sorted({r["seed"] for r in rows})
+    meta["evolve_seconds"] = {k: v for p in parts for k, v in p["evolve_seconds"].items()}
+    meta["total_seconds"] = max(p["total_seconds"] for p in parts)
+    write_results(folder, "quality", meta, rows)
     return 0
 
 

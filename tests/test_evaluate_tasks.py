@@ -311,3 +311,16 @@ def test_rows_stopping_at_different_steps_keep_their_outputs(model, tokenizer):
         for p in GEN_PROMPTS
     ]
     assert stopped == single
+
+
+def test_empty_prompts_and_empty_choices(tmp_path, model, tokenizer):
+    # An empty prompt is conditioned on BOS, as lm-eval does.
+    assert greedy_generate(model, tokenizer, [""], max_new_tokens=3, stop=[]) == greedy_generate(
+        model, tokenizer, ["<s>"], max_new_tokens=3, stop=[]
+    )
+    items = [{"prompt": "le ciel", "choices": ["blue", ""], "label": 0}]
+    task = load_task(
+        {"name": "c", "type": "multiple_choice", "test": write_jsonl(tmp_path / "c.jsonl", items)}
+    )
+    with pytest.raises(ValueError, match="choice '' of item 0 encodes to no tokens"):
+        task.score(model, tokenizer, items)

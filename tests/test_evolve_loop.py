@@ -188,3 +188,25 @@ def test_redense_original_references_the_pairs_other_originals(parents) -> None:
     assert references([p0, v1], [p0, p1]) == (["p1"], "original")
     assert references([p0, v0], [p0, p0]) == ([], "parents")
     assert references([p0, p1], [p0, p1]) == ([], "parents")
+
+
+def test_redense_original_run_finishes_with_a_recipe(tmp_path: Path, parents) -> None:
+    from mergekit_sae.evolve.population import lineage
+    from mergekit_sae.evolve.runner import run
+
+    ctx = make_context(tmp_path / "out", parents, merge={"redense": "original"}, steps=2)
+    state = run(ctx.recipe, ctx.out, progress=False, make_evaluator=lambda r, i: FakeEvaluator())
+    assert state.finished and (ctx.out / "mergekit_config.yml").is_file()
+    for record in state.history:
+        for offspring in record.offspring:
+            child = state.members[offspring.id]
+            refs = [i.member for i in child.merge.inputs if i.parameters.get("dense_reference")]
+            ancestors = {
+                m.id
+                for p in offspring.parents
+                for m in lineage(state.members, p)
+                if m.origin == "parent"
+            }
+            assert set(refs) == ancestors - set(offspring.parents)
+            expected = "original" if refs else "parents"
+            assert child.merge.parameters["redense"] == expected

@@ -125,6 +125,7 @@ def test_resume_refuses_a_changed_recipe(tmp_path: Path, setup) -> None:
     data = recipe_data(parents, files, steps=2)
     result, out = run_cli(tmp_path, data, "--stop-after", "0")
     assert result.exit_code == 0, result.output
+    assert result.output == ""  # --quiet
     changed = dict(data, seed=5)
     result, _ = run_cli(tmp_path, changed, "--resume", out=out)
     assert result.exit_code != 0 and "seed" in result.output

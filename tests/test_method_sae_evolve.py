@@ -160,6 +160,11 @@ def test_registered_method_matches_sae_merge_with_base_and_dense_reference():
     )
     torch.testing.assert_close(via_mergekit, direct)
     assert get("sae_prune").spec.name == "sae_prune"
+    parameters["redense"] = "parents"
+    with pytest.raises(ValueError, match="w: models marked `dense_reference: true` are used only"):
+        merge_tensors(
+            [base, a, b, ref1, ref2], "sae_evolve", parameters=parameters, base_index=0, name="w"
+        )
 
 
 def test_bf16_inputs_are_computed_in_float32_and_returned_as_bf16():

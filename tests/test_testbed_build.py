@@ -173,3 +173,28 @@ def test_bad_config_file_is_named(tmp_path):
     result = CliRunner().invoke(testbed, ["build", "--config", str(config)])
     assert result.exit_code != 0
     assert "bad.yml" in result.output and "divisible" in result.output
+
+
+def test_mergekit_merges_the_experts(root, tmp_path):
+    """A plain MergeKit linear recipe over the experts gives their average, with a tokenizer."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(root / m), "parameters": {"weight": 0.5}} for m in MODELS[1:]],
+        "dtype": "float32",
+    }
+    out = tmp_path / "merged"
+    run_merge(MergeConfiguration.model_validate(recipe), str(out), MergeOptions(quiet=True))
+    merged = load_file(out / "model.safetensors")
+    a, b = (load_file(root / m / "model.safetensors") for m in MODELS[1:])
+    assert merged.keys() == a.keys()
+    for key, tensor in a.items():
+        torch.testing.assert_close(merged[key], (tensor + b[key]) / 2)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert (
+        tokenizer("7 + 5")["input_ids"]
+        == AutoTokenizer.from_pretrained(root / "math")("7 + 5")["input_ids"]
+    )

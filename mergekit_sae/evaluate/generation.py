@@ -8,7 +8,14 @@ import torch
 from transformers import DynamicCache
 
 from mergekit_sae.evaluate.device import map_batches
-from mergekit_sae.evaluate.padding import encode, left_pad, max_length, model_device, pad_id
+from mergekit_sae.evaluate.padding import (
+    encode,
+    left_pad,
+    max_length,
+    model_device,
+    pad_id,
+    prefix_id,
+)
 
 
 def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -36,7 +43,7 @@ def greedy_generate(
     A row stops at a stop string, at the EOS token, or after max_new_tokens tokens; the
     batch stops as soon as every row has. Prompts are grouped by length to limit padding.
     """
-    encoded = [encode(tokenizer, p) for p in prompts]
+    encoded = [encode(tokenizer, p) or [prefix_id(tokenizer)] for p in prompts]
     limit = max_length(model)
     if limit is not None:
         encoded = [e[-max(1, limit - max_new_tokens) :] for e in encoded]

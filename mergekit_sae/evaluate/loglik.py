@@ -9,7 +9,14 @@ import torch
 from transformers import DynamicCache
 
 from mergekit_sae.evaluate.device import map_batches
-from mergekit_sae.evaluate.padding import encode, left_pad, max_length, model_device, pad_id
+from mergekit_sae.evaluate.padding import (
+    encode,
+    left_pad,
+    max_length,
+    model_device,
+    pad_id,
+    prefix_id,
+)
 
 
 class Request(NamedTuple):
@@ -27,21 +34,13 @@ def encode_pair(tokenizer, context: str, continuation: str) -> Request:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     if not context:
         cont = encode(tokenizer, continuation)
-        prefix = _prefix_id(tokenizer)
+        prefix = prefix_id(tokenizer)
         if cont and cont[0] == prefix:
             return Request(tuple(cont[:1]), tuple(cont[1:]))
         return Request((prefix,), tuple(cont))
     whole = encode(tokenizer, context + continuation)
     ctx = encode(tokenizer, context)
     return Request(tuple(ctx), tuple(whole[len(ctx) :]))
-
-
-def _prefix_id(tokenizer) -> int:
-    """The token that conditions an empty context: BOS, else EOS (as lm-eval)."""
-    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return int(token_id)
-    raise ValueError("an empty prompt needs a tokenizer with a BOS or EOS token")
 
 
 @torch.inference_mode()

@@ -20,6 +20,14 @@ def pad_id(tokenizer) -> int:
     return 0
 
 
+def prefix_id(tokenizer) -> int:
+    """The token that conditions an empty prompt: BOS, else EOS (as lm-eval)."""
+    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    raise ValueError("an empty prompt needs a tokenizer with a BOS or EOS token")
+
+
 def max_length(model) -> int | None:
     """The longest sequence the model accepts, when its config states one."""
     return getattr(model.config, "max_position_embeddings", None)

@@ -111,9 +111,13 @@ class MultipleChoiceTask(Task):
         for item in items:
             start = len(requests)
             for choice in item["choices"]:
-                requests.append(
-                    encode_pair(tokenizer, item["prompt"], spec.target_delimiter + choice)
-                )
+                request = encode_pair(tokenizer, item["prompt"], spec.target_delimiter + choice)
+                if not request.continuation:
+                    raise ValueError(
+                        f"task {self.name!r}: choice {choice!r} of item {len(spans)} "
+                        "encodes to no tokens after its prompt"
+                    )
+                requests.append(request)
             spans.append((start, len(requests)))
         logliks = continuation_logliks(
             model, tokenizer, requests, batch_size=self._batch_size(batch_size)

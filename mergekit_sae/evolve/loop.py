@@ -40,6 +40,7 @@ from mergekit_sae.evolve.population import (
     best_index,
     fitness,
     initial_layout,
+    lineage,
     member_dir,
     member_id,
     performance,
@@ -149,7 +150,7 @@ def offspring_record(
     Per-model: ``score`` = the parent's performance (at least SCORE_FLOOR, so a pair that
     scores zero on every task still merges, with equal weights), ``density`` = 1.0 (members
     are already pruned), ``global_sparsity`` = its global sparsity (global scope). With ``redense:
-    original`` the distinct original dense parents of the pair follow as ``dense_reference``
+    original`` the original dense parents the pair descends from follow as ``dense_reference``
     inputs (the method refills pruned slots from their mean), except an original that is itself
     one of the pair: MergeKit cannot take one model twice, and a dense parent in the pair already
     holds every slot. When that leaves no reference the merge is recorded as ``redense:
@@ -273,14 +274,14 @@ def score_population(
 
 
 def original_parents(state: RunState, pair: Sequence[Member]) -> list[Member]:
-    """The dense parent each member of a pair descends from, through its first inputs."""
-    originals = []
-    for member in pair:
-        current = member
-        while current.origin != "parent":
-            current = state.members[current.inputs[0]]
-        originals.append(current)
-    return originals
+    """The dense parents the members of a pair descend from, in order of creation."""
+    found = {
+        ancestor.id: ancestor
+        for member in pair
+        for ancestor in lineage(state.members, member.id)
+        if ancestor.origin == "parent"
+    }
+    return [found[identifier] for identifier in sorted(found)]
 
 
 def run_step(ctx: RunContext, state: RunState, step: int) -> StepRecord:

@@ -133,14 +133,23 @@ def check_shapes(name: str, tensors: Sequence[torch.Tensor], paths: Sequence[Pat
 
 
 def method_parameters(record: MergeRecord, ids: Sequence[str]) -> dict[str, object]:
-    """``merge_tensors`` parameters of a record: shared values, and per-model values by input id."""
+    """``merge_tensors`` parameters of a record: shared values, and per-model values by input id.
+
+    An input that does not set a per-model parameter gets the method's default for it, as in a
+    MergeKit YAML stage.
+    """
+    from mergekit.merge_methods import get
+
+    defaults = {p.name: p for p in get(record.method).spec.input_parameters}
     parameters: dict[str, object] = dict(record.parameters)
-    for name in {key for item in record.inputs for key in item.parameters}:
-        parameters[name] = {
-            input_id: item.parameters[name]
-            for input_id, item in zip(ids, record.inputs, strict=False)
-            if name in item.parameters
-        }
+    for name in sorted({key for item in record.inputs for key in item.parameters}):
+        values = {}
+        for input_id, item in zip(ids, record.inputs, strict=False):
+            if name in item.parameters:
+                values[input_id] = item.parameters[name]
+            elif name in defaults and not defaults[name].required:
+                values[input_id] = defaults[name].default
+        parameters[name] = values
     return parameters
 
 
@@ -152,7 +161,11 @@ def merge_tensor(
     ids: Sequence[str],
     base_index: int | None,
 ) -> torch.Tensor:
-    """Merge one tensor of every input (and the base, last) with the record's registered method."""
+    """Merge one tensor of every input (and the base, last) with the record's registered method.
+
+    Inputs keep the dtype they are stored in (the method promotes them); the result is cast to
+    ``record.dtype``, as MergeKit does for a stage with ``out_dtype`` set.
+    """
     from mergekit.merge_methods import merge_tensors
 
     if not tensors[0].is_floating_point():
@@ -164,7 +177,6 @@ def merge_tensor(
         ids=ids,
         base_index=base_index,
         name=name,
-        dtype=torch_dtype(record.dtype),
         out_dtype=torch_dtype(record.dtype),
     )
 

@@ -256,6 +256,11 @@ def sae_evolve_merge(
     references = [e for e in group.non_base if dense_reference[e.id]]
     parents = [e for e in group.non_base if not dense_reference[e.id]]
     reference = None
+    if references and redense != "original":
+        raise ValueError(
+            f"{name}: models marked `dense_reference: true` are used only with "
+            f"`redense: original` (redense is {redense!r})"
+        )
     if references:
         dtype = _compute_dtype([e.tensor for e in references])
         reference = torch.stack([e.tensor.to(dtype) for e in references]).mean(dim=0)

@@ -1,0 +1,28 @@
+"""The embedded testbed: a tiny Llama base, a math expert and a multilingual expert tuned from
+it, and the two tasks (GSM8K-style math, MMLU-ProX-style multilingual multiple choice).
+
+`build_testbed` writes the models, the JSONL task splits and a quality report; the heavy
+modules (torch, transformers) load only when it is used.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from mergekit_sae.testbed.config import StageConfig, TestbedConfig, load_config
+
+_LAZY = {
+    "build_testbed": "mergekit_sae.testbed.build",
+    "load_report": "mergekit_sae.testbed.build",
+    "TestbedError": "mergekit_sae.testbed.build",
+    "task_specs": "mergekit_sae.testbed.data",
+}
+
+__all__ = ["StageConfig", "TestbedConfig", "load_config", *_LAZY]
+
+
+def __getattr__(name: str):
+    """Import the builder's names on first use."""
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

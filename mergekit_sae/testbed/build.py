@@ -21,7 +21,7 @@ from mergekit_sae.testbed.quality import format_table, quality_checks, score_mod
 MODELS = ("base", "math", "multilingual")
 REPORT = "report.json"
 # Bumped whenever the builder's code changes what a config produces (part of the cache key).
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 
 class TestbedError(RuntimeError):
@@ -54,15 +54,22 @@ def is_complete(root: Path) -> bool:
 
 
 @contextmanager
-def torch_threads(threads: int | None):
-    """Run the block with `threads` torch threads (None: leave torch's setting)."""
+def build_environment(threads: int | None):
+    """Run the block with `threads` torch threads (None: torch's setting) and without
+    transformers' progress bars; both are restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
     previous = torch.get_num_threads()
+    bars = hf_logging.is_progress_bar_enabled()
     if threads:
         torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         torch.set_num_threads(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def build_testbed(
@@ -110,12 +117,10 @@ def _replace(work: Path, out: Path) -> None:
 def _build_into(work: Path, config: TestbedConfig, say) -> dict:
     """Train, save and score everything inside `work`; the report's paths are relative."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
     start = time.perf_counter()
     timings = {}
-    with torch_threads(config.threads):
+    with build_environment(config.threads):
         data = make_data(config)
         write_data(work, data)
         say(

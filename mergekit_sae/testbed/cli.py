@@ -28,7 +28,9 @@ def testbed() -> None:
     help="YAML or JSON file with TestbedConfig fields (sizes, steps, learning rates)",
 )
 @click.option("--force", is_flag=True, help="rebuild even when OUT already holds a testbed")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+@click.option(
+    "--threads", type=int, default=None, help="torch CPU threads while building [default: 1]"
+)
 @click.option("--quiet", is_flag=True, help="print only the quality table")
 def build(
     out: Path,
@@ -54,7 +56,7 @@ def build(
     except TestbedError as e:
         raise click.ClickException(str(e)) from e
     click.echo(format_table(report["accuracy"], report["quality_checks"]))
-    click.echo(f"built in {report['seconds']['total']} s: {out}")
+    click.echo(f"testbed: {out} (its build took {report['seconds']['total']} s)")
 
 
 @testbed.command()

@@ -78,25 +78,45 @@ def pretrain_base(config: TestbedConfig, data: TestbedData, log: Log | None = No
     return trained(model, data.tokenizer, draw, config.base, config.seed + 1, log)
 
 
+def math_examples(data: TestbedData) -> list[Example]:
+    """Training word problems with their worked solutions as targets."""
+    return [(item["prompt"], item["solution"]) for item in data.splits["math"]["train"]]
+
+
+def multilingual_examples(data: TestbedData) -> list[Example]:
+    """Training questions with their right choice as target."""
+    items = data.splits["multilingual"]["train"]
+    return [(item["prompt"], item["choices"][item["label"]]) for item in items]
+
+
 def finetune_math(config: TestbedConfig, data: TestbedData, base, log: Log | None = None):
-    """The math expert: loss on the worked solution of training word problems only."""
+    """The math expert: loss on the worked solution of training word problems, with a small
+    share of multilingual questions (`math_expert_cross_share`), so that, like real experts,
+    it keeps a little of the other skill."""
     rng = random.Random(config.seed + 2)
-    examples = [(item["prompt"], item["solution"]) for item in data.splits["math"]["train"]]
-    draw = mixture([(1.0, sampler(examples, rng))], rng)
+    share = config.math_expert_cross_share
+    draw = mixture(
+        [
+            (1.0 - share, sampler(math_examples(data), rng)),
+            (share, sampler(multilingual_examples(data), rng)),
+        ],
+        rng,
+    )
     return trained(base, data.tokenizer, draw, config.math_expert, config.seed + 2, log)
 
 
 def finetune_multilingual(config: TestbedConfig, data: TestbedData, base, log: Log | None = None):
     """The multilingual expert: loss on the right choice of training questions, with a share
-    of English questions mixed in so the base's English knowledge stays usable."""
+    of English questions mixed in so the base's English knowledge stays usable, and a small
+    share of word problems (`multilingual_expert_cross_share`)."""
     rng = random.Random(config.seed + 3)
-    items = data.splits["multilingual"]["train"]
-    examples = [(item["prompt"], item["choices"][item["label"]]) for item in items]
     replay = english_questions(data.world)
+    share = config.multilingual_expert_cross_share
     draw = mixture(
         [
-            (1.0 - config.english_replay, sampler(examples, rng)),
+            (1.0 - config.english_replay - share, sampler(multilingual_examples(data), rng)),
             (config.english_replay, sampler(replay, rng)),
+            (share, sampler(math_examples(data), rng)),
         ],
         rng,
     )

@@ -40,7 +40,8 @@ def quality_checks(table: Mapping[str, Mapping[str, float]]) -> dict[str, bool]:
                 checks[
                     f"{other} expert <= {expert} expert - {SPECIALISATION_GAP:.2f} on {task}"
                 ] = table[other][task] <= own - SPECIALISATION_GAP
-        checks[f"base < {expert} expert on {task}"] = table["base"][task] < own
+        for other in EXPERT_OF.values():
+            checks[f"base < {other} expert on {task}"] = table["base"][task] < table[other][task]
     return checks
 
 
