@@ -14,7 +14,6 @@ from typing import Any
 
 import click
 import torch
-import yaml
 from mergekit.common import ModelReference, dtype_from_name
 from mergekit.config import ConditionalParameter, MergeConfiguration
 from mergekit.io.tasks import LoaderCache
@@ -121,18 +120,28 @@ def merge(merge_options: MergeOptions, recipe: Path, out: Path) -> None:
     """Run the MergeKit YAML RECIPE into the directory OUT (written atomically).
 
     For sae_evolve with `sparsity_scope: global`, each model's missing `global_sparsity` is
-    computed from its weights and recorded in OUT/mergekit_config.yml.
+    computed from its weights and recorded in OUT/mergekit_config.yml. A multi-stage recipe
+    (`---`-separated, named stages, as `mergekit-sae evolve` writes) runs like
+    `mergekit-multi`, with the stages kept in OUT.stages/ beside OUT.
     """
     import mergekit.merge
 
+    from mergekit_sae.evolve.reproduce import load_stages, run_recipe
     from mergekit_sae.methods import register_all
     from mergekit_sae.methods.run_guard import guarded_run_merge
 
     register_all()
     merge_options.apply_global_options()
+    try:
+        stages = load_stages(recipe)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error
+    if len(stages) > 1:
+        run_recipe(recipe, out, options=merge_options)
+        return
     source = recipe.read_text(encoding="utf-8")
     try:
-        config = MergeConfiguration.model_validate(yaml.safe_load(source))
+        config = MergeConfiguration.model_validate(stages[0])
     except Exception as error:
         raise click.UsageError(f"{recipe}: invalid recipe: {error}") from error
     LoaderCache().setup(options=merge_options)

@@ -155,6 +155,24 @@ def test_multimerge_command_runs_the_file(tmp_path: Path, parents) -> None:
     assert_same_tensors(weights["m0004"], tmp_path / "re")
 
 
+def test_mergekit_sae_merge_runs_a_multi_stage_file(tmp_path: Path, parents) -> None:
+    """`mergekit-sae merge` runs the written multi-stage file like mergekit-multi."""
+    from click.testing import CliRunner
+
+    from mergekit_sae.merge_cli import merge
+
+    stages = [
+        ("m0003", rec("linear", [("a", {"weight": 0.3}), ("b", {"weight": 0.7})])),
+        ("m0004", rec("linear", [("m0003", {"weight": 0.6}), ("base", {"weight": 0.4})])),
+    ]
+    members, weights = build_lineage(tmp_path, parents, stages)
+    path = write_recipe(members, "m0004", tmp_path / "OUT")
+    result = CliRunner().invoke(merge, [str(path), str(tmp_path / "re")])
+    assert result.exit_code == 0, result.output
+    assert_same_tensors(weights["m0004"], tmp_path / "re")
+    assert_same_tensors(weights["m0003"], tmp_path / "re.stages" / "m0003")
+
+
 def test_bf16_tied_parents_with_float32_output(tmp_path: Path) -> None:
     """Inputs in bfloat16 with tied embeddings, stages written in float32, then bfloat16."""
     parents = {
@@ -176,7 +194,8 @@ def test_bf16_tied_parents_with_float32_output(tmp_path: Path) -> None:
 
 
 def test_sae_prune_and_evolve_lineage_reproduces(tmp_path: Path, parents) -> None:
-    """sae_prune and sae_evolve stages as the search records them (global, then local scope)."""
+    """sae_prune and sae_evolve stages as the search records them: global scope with
+    ``redense: original`` (a dense reference input), then local scope."""
     from mergekit_sae.evolve.loop import offspring_record, prune_record
     from mergekit_sae.evolve.recipe import MergeSettings, Recipe
 
@@ -201,7 +220,7 @@ def test_sae_prune_and_evolve_lineage_reproduces(tmp_path: Path, parents) -> Non
         )
         members[member_id].performance, members[member_id].sparsity = score, sparsity
 
-    recipe = settings(sparsity_scope="global", sparsity_weight=0.5)
+    recipe = settings(redense="original", sparsity_scope="global", sparsity_weight=0.5)
     make("m0002", prune_record(recipe, members["b"], 0.4, "float32"), 0.4, 0.3)
     pair = [members["a"], members["m0002"]]
     originals = [members["a"], members["b"]]
@@ -214,6 +233,8 @@ def test_sae_prune_and_evolve_lineage_reproduces(tmp_path: Path, parents) -> Non
     documents = load_stages(path)
     names = [doc.get("name") for doc in documents]
     assert names == ["m0002", "m0003", None]
+    references = [m for m in documents[1]["models"] if m["parameters"].get("dense_reference")]
+    assert [m["model"] for m in references] == [str(parents["b"])]
     assert documents[-1]["merge_method"] == "sae_evolve"
     out = run_recipe(path, tmp_path / "re", intermediate_dir=tmp_path / "stages")
     assert_same_tensors(load_weights(tmp_path / "m0004"), out)

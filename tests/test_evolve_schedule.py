@@ -1,4 +1,4 @@
-"""The loop's pruning rate per step follows the cyclic schedule of DESIGN.md section 2."""
+"""The loop's pruning rate per step follows the cyclic schedule (paper sections 2.4 and 3.7)."""
 
 from __future__ import annotations
 

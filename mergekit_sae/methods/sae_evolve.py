@@ -151,7 +151,7 @@ def sae_merge(
     name: str = "tensor",
     labels: Sequence[str] | None = None,
 ) -> Tensor:
-    """Merge K >= 2 parents of one tensor with sparsity-aware weights (DESIGN.md section 2).
+    """Merge K >= 2 parents of one tensor with sparsity-aware weights (paper eq. 5, docs/method.md).
 
     Steps: prune each parent to its density -> rho of each (pruned) parent, or the given
     global sparsity -> eq. 5 weights -> re-dense from `dense_reference` when redense is
