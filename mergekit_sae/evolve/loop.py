@@ -1,4 +1,4 @@
-"""The generation loop of Sparsity-Aware Evolution (arXiv 2602.08218, section 2), resumable step by step.
+"""The generation loop of Sparsity-Aware Evolution (arXiv 2602.08218, section 2), resumable.
 
 Step t (1-based), with pruning rate r_t = cyclic_rate(t - 1):
 
