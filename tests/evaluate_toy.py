@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from tiny_models import make_llama
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -33,26 +34,20 @@ def make_tokenizer(padding_side: str = "right") -> PreTrainedTokenizerFast:
 
 def random_llama(seed: int = 0, *, tie: bool = False, layers: int = 2) -> LlamaForCausalLM:
     """A random tiny Llama over VOCAB (fp32, eval mode)."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    return make_llama(
+        seed,
+        matrix_std=0.3,
         vocab_size=len(VOCAB),
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=layers,
         num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=128,
         tie_word_embeddings=tie,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
     )
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # larger weights than the default init give sharper, varied outputs
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
-    return model.eval()
 
 
 def bigram_llama(transitions: dict[str, str], default: str = "\n") -> LlamaForCausalLM:

@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
+from tiny_models import make_llama
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from mergekit_sae.evolve.merging import open_model
 
@@ -54,25 +55,16 @@ def tiny_llama(path: Path, seed: int, *, tied: bool = False, vocab_extra: int = 
 
     ``vocab_extra`` adds embedding rows beyond the tokenizer's vocabulary (a resized expert).
     """
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    model = make_llama(
+        seed,
+        matrix_std=0.5,
         vocab_size=len(VOCAB) + vocab_extra,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
         max_position_embeddings=64,
         tie_word_embeddings=tied,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
     )
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.normal_(0, 0.5)
     model.save_pretrained(path)
     tokenizer().save_pretrained(path)
     return path

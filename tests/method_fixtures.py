@@ -10,25 +10,15 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from tiny_models import make_llama
 
-TINY_LLAMA = dict(
-    vocab_size=64,
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=3,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    max_position_embeddings=32,
-    tie_word_embeddings=False,
-)
+# three layers and grouped-query attention, so gradients and filters have something to select
+METHOD_LLAMA = dict(num_hidden_layers=3, num_key_value_heads=1)
 
 
 def build_tiny_llama(path: Path, seed: int, zero_fraction: float = 0.0, **overrides) -> Path:
     """Save a random LlamaForCausalLM (safetensors); optionally zero a fraction of each weight."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **overrides}))
+    model = make_llama(seed, **{**METHOD_LLAMA, **overrides})
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.02)

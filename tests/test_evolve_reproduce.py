@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny_models import make_llama
 
 from mergekit_sae.evolve.merging import stream_merge
 from mergekit_sae.evolve.population import Member, MergeInput, MergeRecord, lineage
@@ -23,20 +24,7 @@ from mergekit_sae.evolve.reproduce import (
 
 def tiny_llama(path: Path, seed: int, *, tied: bool = False, dtype=torch.float32) -> Path:
     """Save a tiny random Llama (2 layers, hidden 16) with a given seed."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=tied,
-    )
-    LlamaForCausalLM(config).to(dtype).save_pretrained(path)
+    make_llama(seed, tie_word_embeddings=tied).to(dtype).save_pretrained(path)
     return path
 
 
