@@ -10,6 +10,7 @@ from transformers import DynamicCache
 from mergekit_sae.evaluate.device import map_batches
 from mergekit_sae.evaluate.padding import (
     encode,
+    forward_cached,
     left_pad,
     max_length,
     model_device,
@@ -73,15 +74,7 @@ def _generate_batch(
     active = list(range(len(sequences)))  # rows still generating, in cache order
     step_ids = ids
     for step in range(max_new_tokens):
-        out = model(
-            input_ids=step_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        next_ids = out.logits[:, -1].argmax(-1)
+        next_ids = forward_cached(model, step_ids, mask, positions, cache).argmax(-1)
         finished = torch.isin(next_ids, eos) if eos.numel() else torch.zeros_like(next_ids).bool()
         for row, token in zip(active, next_ids.tolist(), strict=True):
             generated[row].append(token)

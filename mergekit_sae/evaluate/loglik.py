@@ -11,6 +11,7 @@ from transformers import DynamicCache
 from mergekit_sae.evaluate.device import map_batches
 from mergekit_sae.evaluate.padding import (
     encode,
+    forward_cached,
     left_pad,
     max_length,
     model_device,
@@ -87,15 +88,8 @@ def _score_shared_context(
     pad = pad_id(tokenizer)
     ids, mask, positions = left_pad(contexts, pad, device)
     cache = DynamicCache(config=model.config)
-    out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+    last = forward_cached(model, ids, mask, positions, cache)
+    first = torch.log_softmax(last.float(), dim=-1)
     pairs = [(g, c[0]) for g, conts in enumerate(continuations) for c in conts]
     flat = first[[g for g, _ in pairs], [t for _, t in pairs]].tolist()
     scores, start = [], 0

@@ -55,3 +55,16 @@ def left_pad(
 def model_device(model) -> torch.device:
     """The device of the model's parameters."""
     return next(model.parameters()).device
+
+
+def forward_cached(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache):
+    """One forward pass that extends `cache` and returns logits of the last position only."""
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1]

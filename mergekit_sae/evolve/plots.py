@@ -34,30 +34,37 @@ def read_history(path: str | Path) -> list[StepRecord]:
     return records
 
 
-def plot_fitness(records: Sequence[StepRecord]) -> Figure:
-    """Best and mean population fitness after each step."""
+def plot_per_step(
+    records: Sequence[StepRecord], series: Mapping[str, Sequence[float]], **axes_settings
+) -> Figure:
+    """Lines of `series` (label -> one value per record) against the step number."""
     figure = Figure(figsize=(6, 4), layout="constrained")
     axes = figure.add_subplot()
     steps = [r.step for r in records]
-    axes.plot(steps, [r.best_fitness for r in records], marker="o", label="best fitness")
-    axes.plot(steps, [r.mean_fitness for r in records], marker=".", label="mean fitness")
-    axes.set(xlabel="step", ylabel="fitness", title="Population fitness")
+    for (label, values), marker in zip(series.items(), ("o", "."), strict=False):
+        axes.plot(steps, values, marker=marker, label=label)
+    axes.set(xlabel="step", **axes_settings)
     axes.legend()
     axes.grid(alpha=0.3)
     return figure
+
+
+def plot_fitness(records: Sequence[StepRecord]) -> Figure:
+    """Best and mean population fitness after each step."""
+    series = {
+        "best fitness": [r.best_fitness for r in records],
+        "mean fitness": [r.mean_fitness for r in records],
+    }
+    return plot_per_step(records, series, ylabel="fitness", title="Population fitness")
 
 
 def plot_sparsity(records: Sequence[StepRecord]) -> Figure:
     """Mean population sparsity and the schedule's pruning rate per step."""
-    figure = Figure(figsize=(6, 4), layout="constrained")
-    axes = figure.add_subplot()
-    steps = [r.step for r in records]
-    axes.plot(steps, [r.rate for r in records], marker="o", label="schedule rate")
-    axes.plot(steps, [r.mean_sparsity for r in records], marker=".", label="mean sparsity")
-    axes.set(xlabel="step", ylabel="fraction", title="Sparsity schedule", ylim=(0, 1))
-    axes.legend()
-    axes.grid(alpha=0.3)
-    return figure
+    series = {
+        "schedule rate": [r.rate for r in records],
+        "mean sparsity": [r.mean_sparsity for r in records],
+    }
+    return plot_per_step(records, series, ylabel="fraction", title="Sparsity schedule", ylim=(0, 1))
 
 
 def plot_test_accuracy(results: Mapping[str, Mapping[str, float]]) -> Figure:
