@@ -7,12 +7,12 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from evolve_fixtures import (
     PROBE,
     FakeEvaluator,
     load_weights,
     probe_score,
-    single_thread,
     tiny_llama,
 )
 
@@ -28,11 +28,7 @@ from mergekit_sae.evolve.loop import (
 from mergekit_sae.evolve.population import member_dir, random_pairs, replacement_slot
 from mergekit_sae.evolve.recipe import parse_recipe
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +206,21 @@ def test_redense_original_run_finishes_with_a_recipe(tmp_path: Path, parents) ->
             assert set(refs) == ancestors - set(offspring.parents)
             expected = "original" if refs else "parents"
             assert child.merge.parameters["redense"] == expected
+
+
+def test_resident_evaluator_receives_tensors_in_place(parents) -> None:
+    """A merged tensor lands in the scoring model's own parameter; misfits are named."""
+    from mergekit_sae.evaluate import ResidentModel, WeightLoadError
+    from mergekit_sae.evolve.scoring import ResidentEvaluator
+
+    resident = ResidentModel(parents[0], device="cpu")
+    evaluator = ResidentEvaluator(resident, tasks=[])
+    name = "model.norm.weight"
+    parameter = dict(resident.model.named_parameters())[name]
+    evaluator.receive(name, torch.full_like(parameter, 0.25))
+    assert torch.equal(parameter, torch.full_like(parameter, 0.25))
+    with pytest.raises(WeightLoadError, match="model.missing.weight"):
+        evaluator.receive("model.missing.weight", torch.zeros(3))
+    with pytest.raises(WeightLoadError, match=rf"{name} has shape \(3,\)"):
+        evaluator.receive(name, torch.zeros(3))
+    assert torch.equal(parameter, torch.full_like(parameter, 0.25))

@@ -7,16 +7,12 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from evolve_fixtures import VOCAB, recipe_data, single_thread, task_files, tiny_llama
+from evolve_fixtures import VOCAB, recipe_data, task_files, tiny_llama
 
 from mergekit_sae.evolve.cli import evolve
 from mergekit_sae.evolve.recipe import Recipe, RecipeError, parse_recipe
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from evolve_fixtures import (
     FakeEvaluator,
     assert_identical,
     recipe_data,
-    single_thread,
     task_files,
     tiny_llama,
 )
@@ -24,11 +23,7 @@ from mergekit_sae.evolve.checkpoint import load_state, state_path
 from mergekit_sae.evolve.recipe import parse_recipe
 from mergekit_sae.evolve.runner import run
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

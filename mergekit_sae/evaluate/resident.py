@@ -50,23 +50,12 @@ def copy_weights(model: torch.nn.Module, source: Mapping[str, Tensor] | str | Pa
         get = read(stack)
         targets = model.state_dict()
         groups = _tied_groups(targets)
-        unexpected = sorted(set(shapes) - set(targets))
-        if unexpected:
-            raise WeightLoadError(
-                f"{what}: {len(unexpected)} tensor(s) the model does not have: "
-                f"{_sample(unexpected)}"
-            )
+        check_fits(shapes, targets, what)
         missing = [names[0] for names in groups if not any(n in shapes for n in names)]
         if missing:
             raise WeightLoadError(
                 f"{what}: {len(missing)} tensor(s) of the model are missing: {_sample(missing)}"
             )
-        for name, shape in shapes.items():
-            if tuple(shape) != tuple(targets[name].shape):
-                raise WeightLoadError(
-                    f"{what}: tensor {name} has shape {tuple(shape)}, "
-                    f"the model expects {tuple(targets[name].shape)}"
-                )
         plan = []
         for names in groups:
             present = [n for n in names if n in shapes]
@@ -75,6 +64,23 @@ def copy_weights(model: torch.nn.Module, source: Mapping[str, Tensor] | str | Pa
         with torch.no_grad():
             for source_name, target_name in plan:
                 targets[target_name].copy_(get(source_name))
+
+
+def check_fits(
+    shapes: Mapping[str, tuple[int, ...]], targets: Mapping[str, Tensor], what: str
+) -> None:
+    """Require every named tensor to exist in targets with the same shape, naming the culprit."""
+    unexpected = sorted(set(shapes) - set(targets))
+    if unexpected:
+        raise WeightLoadError(
+            f"{what}: {len(unexpected)} tensor(s) the model does not have: {_sample(unexpected)}"
+        )
+    for name, shape in shapes.items():
+        if tuple(shape) != tuple(targets[name].shape):
+            raise WeightLoadError(
+                f"{what}: tensor {name} has shape {tuple(shape)}, "
+                f"the model expects {tuple(targets[name].shape)}"
+            )
 
 
 def _check_tied(names: list[str], get: Callable[[str], Tensor], what: str) -> None:

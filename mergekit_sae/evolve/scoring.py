@@ -52,18 +52,11 @@ class ResidentEvaluator:
 
     def receive(self, name: str, tensor: torch.Tensor) -> None:
         """Copy one merged tensor into the resident model's parameter of that name."""
-        from mergekit_sae.evaluate import WeightLoadError
+        from mergekit_sae.evaluate.resident import check_fits
 
-        target = self._targets.get(name)
-        if target is None:
-            raise WeightLoadError(f"merged tensor {name} is not a tensor of the scoring model")
-        if tuple(target.shape) != tuple(tensor.shape):
-            raise WeightLoadError(
-                f"merged tensor {name} has shape {tuple(tensor.shape)}, "
-                f"the scoring model expects {tuple(target.shape)}"
-            )
+        check_fits({name: tuple(tensor.shape)}, self._targets, "merged tensor")
         with torch.no_grad():
-            target.copy_(tensor)
+            self._targets[name].copy_(tensor)
 
     def load(self, path: Path) -> None:
         """Copy a model's weights from disk into the resident model."""
