@@ -161,14 +161,23 @@ class FakeEvaluator:
         loader = open_model(path)
         self.current = {name: loader.get_tensor(name) for name in PROBE.values()}
 
-    def score(self, items: Mapping[str, Sequence[int]]) -> dict[str, float]:
+    def score_items(self, items: Mapping[str, Sequence[int]]) -> dict[str, list[float]]:
         self.scored += 1
         return {
-            task: probe_score(self.current[PROBE[task]], list(ids)) for task, ids in items.items()
+            task: probe_items(self.current[PROBE[task]], list(ids)) for task, ids in items.items()
         }
+
+    def score(self, items: Mapping[str, Sequence[int]]) -> dict[str, float]:
+        return {task: sum(v) / len(v) for task, v in self.score_items(items).items()}
+
+
+def probe_items(tensor: torch.Tensor, ids: Sequence[int]) -> list[float]:
+    """Whether each chosen flat position holds a positive value (1.0) or not (0.0)."""
+    flat = tensor.flatten()
+    return [float(flat[i % flat.numel()] > 0) for i in ids]
 
 
 def probe_score(tensor: torch.Tensor, ids: Sequence[int]) -> float:
     """Fraction of the chosen flat positions holding a positive value."""
-    flat = tensor.flatten()
-    return sum(float(flat[i % flat.numel()] > 0) for i in ids) / len(ids)
+    values = probe_items(tensor, ids)
+    return sum(values) / len(values)

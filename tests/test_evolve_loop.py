@@ -22,11 +22,11 @@ from mergekit_sae.evolve.loop import (
     derive_seed,
     evolve,
     initial_population,
-    rate_at,
     training_subsample,
 )
 from mergekit_sae.evolve.population import member_dir, random_pairs, replacement_slot
 from mergekit_sae.evolve.recipe import parse_recipe
+from mergekit_sae.search.sae import rate_at
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -160,8 +160,8 @@ def test_history_and_checkpoint_agree(tmp_path: Path, parents) -> None:
 
 
 def test_redense_original_references_the_pairs_other_originals(parents) -> None:
-    from mergekit_sae.evolve.loop import offspring_record
     from mergekit_sae.evolve.population import Member
+    from mergekit_sae.search.sae import offspring_record
 
     recipe = parse_recipe(
         {

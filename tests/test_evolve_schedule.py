@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from mergekit_sae.evolve.loop import rate_at
+from mergekit_sae.search.sae import rate_at
 from mergekit_sae.evolve.recipe import Recipe, Schedule
 
 

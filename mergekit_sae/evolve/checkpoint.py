@@ -38,6 +38,7 @@ class RunState(BaseModel):
 
     ``recipe`` is the recipe as the run started it (a resume refuses a recipe that differs in
     anything but ``steps``); ``step`` is the last completed step (0: initial population made);
+    ``evaluations`` the fitness evaluations used so far; ``search`` the search's own state;
     ``population`` lists the living member ids in archive order; ``members`` holds every member
     ever made (the lineage); ``next_member`` numbers the next member; ``best`` is the member
     written out and ``results`` the final test-split report (both set by the finishing stage);
@@ -48,6 +49,8 @@ class RunState(BaseModel):
     version: int = STATE_VERSION
     recipe: dict[str, Any]
     step: int = 0
+    evaluations: int = 0
+    search: dict[str, Any] = Field(default_factory=dict)
     next_member: int = 0
     population: list[str] = Field(default_factory=list)
     members: dict[str, Member] = Field(default_factory=dict)

@@ -26,7 +26,6 @@ from mergekit_sae.evolve.population import (
     MergeInput,
     MergeRecord,
     TestResult,
-    best_index,
     member_dir,
     performance,
 )
@@ -50,10 +49,9 @@ TOKENIZER_FILES = (
 EVOLVED_LABEL = "SAE (evolved)"
 
 
-def best_member(state: RunState) -> Member:
-    """The living member with the highest fitness (earliest in archive order on ties)."""
-    living = [state.members[i] for i in state.population]
-    return living[best_index([float(m.fitness) for m in living])]
+def best_member(ctx: RunContext, state: RunState) -> Member:
+    """The search's answer: for SAE the living member of highest fitness."""
+    return state.members[ctx.search.best(state.members)]
 
 
 def parent_labels(parents: Sequence[Member]) -> list[str]:
@@ -175,7 +173,7 @@ def card_settings(ctx: RunContext) -> dict[str, object]:
 
 def finish(ctx: RunContext, state: RunState) -> RunState:
     """Evaluate the best member on the test splits and write every output into OUT/."""
-    best = best_member(state)
+    best = best_member(ctx, state)
     start = time.perf_counter()
     results = report(ctx, state, best)
     state.seconds["test"] = time.perf_counter() - start

@@ -1,19 +1,18 @@
-"""The generation loop of Sparsity-Aware Evolution (arXiv 2602.08218, section 2), resumable.
+"""The driver every search shares: members, streaming merges, scoring, budget, checkpoints.
 
-Step t (1-based), with pruning rate r_t = cyclic_rate(t - 1):
+A run is: register the recipe's models as members, let the search make its initial stored
+models (:meth:`Search.start`), then step t = 1, 2, ...:
 
-1. draw each task's training subsample afresh (seeded by the recipe seed, t and the task);
-2. score the population on it (every member when ``rescore_population``, else only members
-   never scored), so offspring and members are compared on the same items;
-3. shuffle the population into floor(N/2) pairs;
-4. for each pair, stream the ``sae_evolve`` merge of the two members (scores = their
-   performance, densities 1.0 since members are already sparse, offspring density 1 - r_t)
-   into the scoring model and to disk, score it, and let it replace the worst member when
-   its fitness (performance + beta_fit * global sparsity) is strictly higher;
-5. checkpoint.
+1. draw each task's training items (afresh per step, or step 1's for every step when the
+   search does not resample), seeded by the recipe seed, t and the task;
+2. let the search run its step through a :class:`StepDriver`: it proposes MergeKit stages,
+   the driver streams each merge into the scoring model and to disk, scores it (one fitness
+   evaluation, counted against the budget) and hands back the scores;
+3. record the step, save the search's state and checkpoint.
 
-All randomness of step t derives from (seed, t), so a run resumed from the checkpoint of
-step k repeats steps k+1.. exactly as an uninterrupted run does.
+The run ends after ``recipe.steps`` steps or when the budget is spent. All randomness of step
+t derives from (seed, t), so a run resumed from the checkpoint of step k repeats steps k+1..
+exactly as an uninterrupted run does.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import hashlib
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,31 +32,29 @@ from mergekit_sae.evolve.checkpoint import RunState, population_dir, save_state
 from mergekit_sae.evolve.merging import DEFAULT_SHARD_SIZE, MergeOutcome, model_stats, stream_merge
 from mergekit_sae.evolve.population import (
     Member,
-    MergeInput,
-    MergeRecord,
     OffspringRecord,
     StepRecord,
-    best_index,
-    fitness,
-    initial_layout,
-    lineage,
     member_dir,
     member_id,
     performance,
-    random_pairs,
-    replacement_slot,
 )
 from mergekit_sae.evolve.recipe import Recipe
 from mergekit_sae.evolve.scoring import Evaluator
-from mergekit_sae.sparsity import SparsityStats, cyclic_rate, sparsity_from_stats
+from mergekit_sae.search import search_class
+from mergekit_sae.search.base import Proposal, Result, Search
+from mergekit_sae.sparsity import SparsityStats, sparsity_from_stats
 
-# Smallest score handed to the merge: eq. 5 is undefined when every parent scores zero.
-SCORE_FLOOR = 1e-6
+
+def build_search(recipe: Recipe, state: dict[str, Any] | None = None) -> Search:
+    """The recipe's search with its settings, restored from a checkpointed state when given."""
+    cls = search_class(recipe.search)
+    restored = cls.state_model.model_validate(state) if state else None
+    return cls(recipe, recipe.settings_for(), restored)
 
 
 @dataclass
 class RunContext:
-    """A run's fixed inputs: recipe, output folder, resolved models, evaluator, merge settings.
+    """A run's fixed inputs: recipe, output folder, resolved models, evaluator, the search.
 
     ``models``/``base`` are the local directories of ``recipe.models``/``recipe.base_model``;
     ``device`` is where tensors are merged; ``dtype`` the dtype merged weights are written in.
@@ -72,6 +69,11 @@ class RunContext:
     dtype: str = "float32"
     progress: bool = True
     shard_size: int = DEFAULT_SHARD_SIZE
+    search: Search = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.search is None:
+            self.search = build_search(self.recipe)
 
 
 def derive_seed(seed: int, *labels: object) -> int:
@@ -80,21 +82,15 @@ def derive_seed(seed: int, *labels: object) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
-def rate_at(recipe: Recipe, step: int) -> float:
-    """The schedule's pruning rate of a 1-based step."""
-    schedule = recipe.schedule
-    return cyclic_rate(
-        step - 1, s_min=schedule.s_min, s_max=schedule.s_max, t0=schedule.t0, t_mult=schedule.t_mult
-    )
-
-
 def training_subsample(ctx: RunContext, step: int) -> dict[str, list[Any]]:
-    """Each task's training items for a step, drawn afresh from (seed, step, task)."""
+    """Each task's training items for a step: drawn afresh from (seed, step, task), or step
+    1's draw at every step for a search that keeps its items fixed."""
+    draw = step if ctx.search.resample else 1
     draws = {}
     for task in ctx.recipe.tasks:
         items = ctx.evaluator.items(task.name, "train")
         draws[task.name] = subsample(
-            items, task.subsample, derive_seed(ctx.recipe.seed, step, task.name)
+            items, task.subsample, derive_seed(ctx.recipe.seed, draw, task.name)
         )
     return draws
 
@@ -123,72 +119,17 @@ def apply_stats(member: Member, stats: SparsityStats, measure: str) -> None:
 
 
 def apply_scores(member: Member, scores: Mapping[str, float], step: int, recipe: Recipe) -> None:
-    """Record a member's task scores on a step's subsample, its performance and fitness."""
+    """Record a member's task scores on a step's items and its performance (= fitness until
+    the search sets its own)."""
     member.scores = dict(scores)
     member.scored_at = step
     member.performance = performance(scores, task_weights(recipe))
-    member.fitness = fitness(member.performance, member.sparsity, recipe.fitness_sparsity_weight)
+    member.fitness = member.performance
 
 
-def prune_record(recipe: Recipe, parent: Member, rate: float, dtype: str) -> MergeRecord:
-    """The ``sae_prune`` stage that makes a sparse variant of a parent at a pruning rate."""
-    delta = recipe.merge.prune_target == "delta"
-    return MergeRecord(
-        method="sae_prune",
-        inputs=[MergeInput(member=parent.id, parameters={"density": 1.0 - rate})],
-        base_model=recipe.base_model if delta else None,
-        parameters={"prune_target": recipe.merge.prune_target},
-        dtype=dtype,
-    )
-
-
-def offspring_record(
-    recipe: Recipe, parents: Sequence[Member], originals: Sequence[Member], rate: float, dtype: str
-) -> MergeRecord:
-    """The ``sae_evolve`` stage that makes one offspring of a pair at the step's rate.
-
-    Per-model: ``score`` = the parent's performance (at least SCORE_FLOOR, so a pair that
-    scores zero on every task still merges, with equal weights), ``density`` = 1.0 (members
-    are already pruned), ``global_sparsity`` = its global sparsity (global scope). With ``redense:
-    original`` the original dense parents the pair descends from follow as ``dense_reference``
-    inputs (the method refills pruned slots from their mean), except an original that is itself
-    one of the pair: MergeKit cannot take one model twice, and a dense parent in the pair already
-    holds every slot. When that leaves no reference the merge is recorded as ``redense:
-    parents`` (with ``renormalize``, the dense member's values then fill those slots alike).
-    """
-    settings = recipe.merge
-    inputs = []
-    for parent in parents:
-        score = max(float(parent.performance), SCORE_FLOOR)
-        per_model: dict[str, Any] = {"score": score, "density": 1.0}
-        if settings.sparsity_scope == "global":
-            per_model["global_sparsity"] = parent.sparsity
-        inputs.append(MergeInput(member=parent.id, parameters=per_model))
-    references = [
-        original
-        for original in dict.fromkeys(m.id for m in originals)
-        if original not in {parent.id for parent in parents}
-    ]
-    redense = settings.redense if references else "parents"
-    if redense == "original":
-        for original in references:
-            inputs.append(MergeInput(member=original, parameters={"dense_reference": True}))
-    delta = settings.prune_target == "delta"
-    return MergeRecord(
-        method="sae_evolve",
-        inputs=inputs,
-        base_model=recipe.base_model if delta else None,
-        parameters={
-            "sparsity_weight": settings.sparsity_weight,
-            "sparsity_measure": settings.sparsity_measure,
-            "sparsity_scope": settings.sparsity_scope,
-            "renormalize": settings.renormalize,
-            "prune_target": settings.prune_target,
-            "offspring_density": 1.0 - rate,
-            "redense": redense,
-        },
-        dtype=dtype,
-    )
+def mean_scores(item_scores: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """Each task's score: the mean of its item scores."""
+    return {task: float(sum(values) / len(values)) for task, values in item_scores.items()}
 
 
 def merge_member(ctx: RunContext, state: RunState, member: Member, *, sink: bool) -> MergeOutcome:
@@ -224,159 +165,202 @@ def new_member(state: RunState, **fields: Any) -> Member:
     return member
 
 
+def original_member(ctx: RunContext, state: RunState, name: str, path: Path, origin: str) -> str:
+    """Record one of the recipe's models (a dense parent or the base) as a member."""
+    identifier = member_id(state.next_member)
+    state.next_member += 1
+    member = Member(id=identifier, path=str(path), origin=origin, source=name)  # type: ignore[arg-type]
+    delta_base = ctx.base if ctx.recipe.merge.prune_target == "delta" and origin != "base" else None
+    apply_stats(member, model_stats(path, delta_base), ctx.recipe.merge.sparsity_measure)
+    state.members[identifier] = member
+    return identifier
+
+
+class StepDriver:
+    """What a search may do during its start or one step (see :class:`~.search.base.Driver`)."""
+
+    def __init__(self, ctx: RunContext, state: RunState, step: int, bar: Any = None):
+        self.ctx = ctx
+        self.state = state
+        self.step = step
+        self.items = training_subsample(ctx, step) if step > 0 else {}
+        self.bar = bar
+        self.seconds = {"merge": 0.0, "write": 0.0, "score": 0.0}
+        self.notes: dict[str, Any] = {}
+        self.scored: list[str] = []
+
+    @property
+    def members(self) -> Mapping[str, Member]:
+        return self.state.members
+
+    @property
+    def parents(self) -> list[str]:
+        return [m.id for m in self.state.members.values() if m.origin == "parent"]
+
+    @property
+    def base(self) -> str | None:
+        return next((m.id for m in self.state.members.values() if m.origin == "base"), None)
+
+    @property
+    def budget_left(self) -> int | None:
+        budget = self.ctx.recipe.budget
+        return None if budget is None else max(0, budget - self.state.evaluations)
+
+    @property
+    def task_weights(self) -> dict[str, float]:
+        return task_weights(self.ctx.recipe)
+
+    @property
+    def dtype(self) -> str:
+        return self.ctx.dtype
+
+    def rng(self, *labels: object) -> random.Random:
+        return random.Random(derive_seed(self.ctx.recipe.seed, *labels))
+
+    def affordable(self, count: int) -> int:
+        """How many of ``count`` evaluations the budget still allows."""
+        left = self.budget_left
+        return count if left is None else min(count, left)
+
+    def make(self, proposals: Sequence[Proposal], *, score: bool = True) -> list[Result]:
+        if score:
+            if self.step == 0:
+                raise ValueError("candidates can be scored only inside a step")
+            proposals = list(proposals)[: self.affordable(len(proposals))]
+        results = []
+        for proposal in proposals:
+            member = new_member(
+                self.state,
+                origin=proposal.origin,
+                inputs=list(proposal.inputs),
+                merge=proposal.merge,
+                born=self.step,
+                label=proposal.label,
+            )
+            outcome = merge_member(self.ctx, self.state, member, sink=score)
+            self.seconds["merge"] += outcome.seconds["merge"]
+            self.seconds["write"] += outcome.seconds["write"]
+            if score:
+                results.append(self._score(member))
+                self.scored.append(member.id)
+            else:
+                results.append(Result(member=member))
+        return results
+
+    def rescore(self, ids: Sequence[str]) -> list[Result]:
+        if self.step == 0:
+            raise ValueError("members can be scored only inside a step")
+        results = []
+        for identifier in list(ids)[: self.affordable(len(ids))]:
+            member = self.state.members[identifier]
+            start = time.perf_counter()
+            self.ctx.evaluator.load(member_dir(member, self.ctx.out))
+            self.seconds["score"] += time.perf_counter() - start
+            results.append(self._score(member))
+        return results
+
+    def _score(self, member: Member) -> Result:
+        """Score the evaluator's current candidate on the step's items as ``member``."""
+        start = time.perf_counter()
+        item_scores = {k: list(v) for k, v in self.ctx.evaluator.score_items(self.items).items()}
+        self.seconds["score"] += time.perf_counter() - start
+        apply_scores(member, mean_scores(item_scores), self.step, self.ctx.recipe)
+        self.state.evaluations += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        return Result(member=member, item_scores=item_scores)
+
+    def note(self, **fields: Any) -> None:
+        for key, value in fields.items():
+            if isinstance(value, dict) and isinstance(self.notes.get(key), dict):
+                self.notes[key].update(value)
+            else:
+                self.notes[key] = value
+
+
 def initial_population(ctx: RunContext) -> RunState:
-    """Dense parents plus pruned variants at rates spread over [s_min, s_max]; step 0 state."""
+    """Record the recipe's models as members and let the search make its initial models."""
     recipe = ctx.recipe
     state = RunState(recipe=recipe.digest_fields())
     start = time.perf_counter()
-    delta = recipe.merge.prune_target == "delta"
-    measure = recipe.merge.sparsity_measure
-    parents = []
-    for name, path in zip(recipe.models, ctx.models, strict=False):
-        identifier = member_id(state.next_member)
-        state.next_member += 1
-        parent = Member(id=identifier, path=str(path), origin="parent", source=name)
-        apply_stats(parent, model_stats(path, ctx.base if delta else None), measure)
-        state.members[identifier] = parent
-        parents.append(parent)
-    layout = initial_layout(
-        len(parents), recipe.population_size, recipe.schedule.s_min, recipe.schedule.s_max
-    )
+    for name, path in zip(recipe.models, ctx.models, strict=True):
+        original_member(ctx, state, name, path, "parent")
+    if recipe.base_model is not None and ctx.base is not None:
+        original_member(ctx, state, recipe.base_model, ctx.base, "base")
     population_dir(ctx.out).mkdir(parents=True, exist_ok=True)
-    for index, rate in layout:
-        if rate is None:
-            state.population.append(parents[index].id)
-            continue
-        variant = new_member(
-            state,
-            origin="pruned",
-            inputs=[parents[index].id],
-            merge=prune_record(recipe, parents[index], rate, ctx.dtype),
-        )
-        merge_member(ctx, state, variant, sink=False)
-        state.population.append(variant.id)
+    driver = StepDriver(ctx, state, 0)
+    ctx.search.start(driver)
+    state.population = ctx.search.keep()
+    state.search = ctx.search.state.model_dump(mode="json")
     state.seconds["initial"] = time.perf_counter() - start
     return state
 
 
-def score_population(
-    ctx: RunContext, state: RunState, items: Mapping[str, list[Any]], step: int, bar: Any
-) -> float:
-    """Score the members that need it on the step's items; return the seconds spent."""
-    start = time.perf_counter()
-    for identifier in state.population:
-        member = state.members[identifier]
-        if ctx.recipe.rescore_population or member.scored_at is None:
-            ctx.evaluator.load(member_dir(member, ctx.out))
-            apply_scores(member, ctx.evaluator.score(items), step, ctx.recipe)
-            bar.update(1)
-    return time.perf_counter() - start
-
-
-def original_parents(state: RunState, pair: Sequence[Member]) -> list[Member]:
-    """The dense parents the members of a pair descend from, in order of creation."""
-    found = {
-        ancestor.id: ancestor
-        for member in pair
-        for ancestor in lineage(state.members, member.id)
-        if ancestor.origin == "parent"
-    }
-    return [found[identifier] for identifier in sorted(found)]
-
-
 def run_step(ctx: RunContext, state: RunState, step: int) -> StepRecord:
-    """Run one generation on the state (in place) and return its history record."""
-    recipe = ctx.recipe
-    rate = rate_at(recipe, step)
-    items = training_subsample(ctx, step)
-    pairs = random_pairs(state.population, random.Random(derive_seed(recipe.seed, step, "pairs")))
-    to_score = sum(
-        1
-        for i in state.population
-        if recipe.rescore_population or state.members[i].scored_at is None
-    )
-    bar = tqdm(
-        total=to_score + len(pairs),
-        desc=f"step {step} (rate {rate:.2f})",
-        unit="model",
-        leave=False,
-        disable=not ctx.progress,
-    )
-    seconds = {"merge": 0.0, "write": 0.0, "score": 0.0}
-    seconds["score"] += score_population(ctx, state, items, step, bar)
+    """Run one step of the search on the state (in place) and return its history record."""
+    bar = tqdm(desc=f"step {step}", unit="model", leave=False, disable=not ctx.progress)
+    driver = StepDriver(ctx, state, step, bar)
     before = list(state.population)
-    fitness_before = {i: float(state.members[i].fitness) for i in before}
-    offspring_records = []
-    for first, second in pairs:
-        pair = [state.members[first], state.members[second]]
-        originals = original_parents(state, pair)
-        child = new_member(
-            state,
-            origin="offspring",
-            inputs=[first, second],
-            merge=offspring_record(recipe, pair, originals, rate, ctx.dtype),
-            born=step,
-        )
-        outcome = merge_member(ctx, state, child, sink=True)
-        seconds["merge"] += outcome.seconds["merge"]
-        seconds["write"] += outcome.seconds["write"]
-        start = time.perf_counter()
-        apply_scores(child, ctx.evaluator.score(items), step, recipe)
-        seconds["score"] += time.perf_counter() - start
-        current = [float(state.members[i].fitness) for i in state.population]
-        slot = replacement_slot(current, float(child.fitness))
-        replaced = None
-        if slot is not None:
-            replaced = state.population[slot]
-            state.population[slot] = child.id
-        offspring_records.append(
+    ctx.search.step(driver, step)
+    bar.close()
+    state.population = ctx.search.keep()
+    state.search = ctx.search.state.model_dump(mode="json")
+    return step_record(ctx, state, driver, before)
+
+
+def step_record(
+    ctx: RunContext, state: RunState, driver: StepDriver, before: list[str]
+) -> StepRecord:
+    """Summarise a finished step for the history."""
+    notes = dict(driver.notes)
+    replacements = notes.pop("replacements", {})
+    offspring = []
+    for identifier in driver.scored:
+        child = state.members[identifier]
+        parents = [state.members[i] for i in child.inputs]
+        offspring.append(
             OffspringRecord(
                 id=child.id,
-                parents=[first, second],
-                parent_performance=[float(m.performance) for m in pair],
+                parents=list(child.inputs),
+                parent_performance=[float(p.performance or 0.0) for p in parents],
                 scores=child.scores,
                 performance=float(child.performance),
                 sparsity=child.sparsity,
                 zero_fraction=child.zero_fraction,
                 fitness=float(child.fitness),
-                replaced=replaced,
+                replaced=replacements.get(child.id),
             )
         )
-        bar.update(1)
-    bar.close()
-    return step_record(state, step, rate, items, before, fitness_before, offspring_records, seconds)
-
-
-def step_record(
-    state: RunState,
-    step: int,
-    rate: float,
-    items: Mapping[str, list[Any]],
-    before: list[str],
-    fitness_before: dict[str, float],
-    offspring: list[OffspringRecord],
-    seconds: dict[str, float],
-) -> StepRecord:
-    """Summarise a finished step for the history."""
-    living = [state.members[i] for i in state.population]
-    values = [float(m.fitness) for m in living]
-    best = living[best_index(values)]
+    living = [state.members[i] for i in state.population if state.members[i].fitness is not None]
+    best = state.members[ctx.search.best(state.members)]
     return StepRecord(
-        step=step,
-        rate=rate,
-        offspring_density=1.0 - rate,
-        subsample={name: len(task_items) for name, task_items in items.items()},
+        step=driver.step,
+        evaluations=state.evaluations,
+        rate=notes.pop("rate", None),
+        offspring_density=notes.pop("offspring_density", None),
+        fitness_before=notes.pop("fitness_before", {}),
+        subsample={name: len(items) for name, items in driver.items.items()},
         population_before=before,
-        fitness_before=fitness_before,
         offspring=offspring,
         population_after=list(state.population),
         best=best.id,
         best_fitness=float(best.fitness),
         best_performance=float(best.performance),
-        mean_fitness=sum(values) / len(values),
-        mean_sparsity=sum(m.sparsity for m in living) / len(living),
-        seconds=seconds,
+        mean_fitness=sum(float(m.fitness) for m in living) / max(1, len(living)),
+        mean_sparsity=sum(m.sparsity for m in living) / max(1, len(living)),
+        info=notes,
+        seconds=driver.seconds,
     )
+
+
+def budget_spent(recipe: Recipe, state: RunState) -> bool:
+    """Whether the run has used every evaluation it was given."""
+    return recipe.budget is not None and state.evaluations >= recipe.budget
+
+
+def is_complete(recipe: Recipe, state: RunState) -> bool:
+    """Whether the search is over: every step taken, or the budget spent."""
+    return state.step >= recipe.steps or budget_spent(recipe, state)
 
 
 def evolve(
@@ -386,26 +370,28 @@ def evolve(
     stop_after: int | None = None,
     on_checkpoint: Callable[[RunState], None] | None = None,
 ) -> RunState:
-    """Run (or continue) the search up to ``recipe.steps``, checkpointing after every step.
+    """Run (or continue) the search until it is complete, checkpointing after every step.
 
-    ``state`` is a loaded checkpoint to continue from (None: start with a fresh population).
-    ``stop_after`` stops once that step is checkpointed (for tests and partial runs);
-    ``on_checkpoint`` is called after each checkpoint is written.
+    ``state`` is a loaded checkpoint to continue from (None: start afresh); the search's
+    state is restored from it. ``stop_after`` stops once that step is checkpointed (for
+    tests and partial runs); ``on_checkpoint`` is called after each checkpoint is written.
     """
     if state is None:
+        ctx.search = build_search(ctx.recipe)
         state = initial_population(ctx)
         save_state(ctx.out, state)
         if on_checkpoint:
             on_checkpoint(state)
+    else:
+        ctx.search = build_search(ctx.recipe, state.search)
     last = ctx.recipe.steps if stop_after is None else min(stop_after, ctx.recipe.steps)
+    total = ctx.recipe.budget or ctx.recipe.steps
+    unit = "evaluation" if ctx.recipe.budget else "step"
+    done = state.evaluations if ctx.recipe.budget else state.step
     with tqdm(
-        total=ctx.recipe.steps,
-        initial=state.step,
-        desc="evolve",
-        unit="step",
-        disable=not ctx.progress,
+        total=total, initial=done, desc=ctx.recipe.search, unit=unit, disable=not ctx.progress
     ) as bar:
-        while state.step < last:
+        while state.step < last and not budget_spent(ctx.recipe, state):
             step = state.step + 1
             record = run_step(ctx, state, step)
             state.history.append(record)
@@ -413,6 +399,7 @@ def evolve(
             save_state(ctx.out, state)
             if on_checkpoint:
                 on_checkpoint(state)
-            bar.set_postfix(best=f"{record.best_fitness:.4f}", rate=f"{record.rate:.2f}")
-            bar.update(1)
+            bar.set_postfix(best=f"{record.best_fitness:.4f}")
+            bar.update((state.evaluations - done) if ctx.recipe.budget else 1)
+            done = state.evaluations if ctx.recipe.budget else state.step
     return state

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-Origin = Literal["parent", "pruned", "offspring"]
+Origin = Literal["parent", "base", "pruned", "offspring", "particle", "candidate"]
 
 
 class MergeInput(BaseModel):
@@ -67,8 +67,11 @@ class Member(BaseModel):
       else a directory relative to the run's output folder (``.work/population/<id>``).
       Use :func:`member_dir` to resolve it. Weights of members that left the population are
       deleted; their records stay.
-    - ``origin``: ``parent`` (a dense model of the recipe), ``pruned`` (``sae_prune`` of a
-      parent, made for the initial population), ``offspring`` (``sae_evolve`` of a pair).
+    - ``origin``: ``parent`` (a dense model of the recipe), ``base`` (the recipe's base
+      model), ``pruned`` (a sparsified parent made for the initial population: ``sae_prune``,
+      or seeded DARE for PSO), ``offspring`` (a merge of members: SAE, M2N2), ``particle``
+      (a PSO position), ``candidate`` (a CMA-ES sample).
+    - ``label``: a free description the search gives (``particle 2``...).
     - ``source``: for parents, the model as the recipe names it (path or Hub id).
     - ``inputs``: ids of the members it was made from (pruned: its parent; offspring: the pair).
     - ``merge``: the MergeKit stage that made it from ``inputs`` (None for parents).
@@ -85,6 +88,7 @@ class Member(BaseModel):
     path: str
     origin: Origin
     source: str | None = None
+    label: str | None = None
     inputs: list[str] = Field(default_factory=list)
     merge: MergeRecord | None = None
     born: int = 0
@@ -117,21 +121,25 @@ class OffspringRecord(BaseModel):
 
 
 class StepRecord(BaseModel):
-    """One generation: schedule rate, the population it started from, offspring, outcome.
+    """One step of a search: the models it scored, the archive before and after, the best.
 
-    ``population_before`` / ``population_after`` list member ids in archive order;
-    ``fitness_before`` maps each starting member to the fitness it was compared with this
-    step; ``best``/``best_fitness``/``mean_fitness``/``mean_sparsity`` describe the population
+    ``evaluations`` counts the fitness evaluations used so far (this step included);
+    ``offspring`` lists every model made and scored this step; ``population_before`` /
+    ``population_after`` list the member ids whose weights the search keeps, in archive
+    order; SAE also records its schedule ``rate`` and ``fitness_before`` (each starting
+    member's fitness as compared this step); ``info`` holds other search-specific notes;
+    ``best``/``best_fitness``/``mean_fitness``/``mean_sparsity`` describe the population
     after replacement; ``seconds`` splits the step's wall time into ``merge``, ``write`` and
     ``score`` (not part of the result; only for reporting).
     """
 
     step: int
-    rate: float
-    offspring_density: float
+    evaluations: int = 0
+    rate: float | None = None
+    offspring_density: float | None = None
     subsample: dict[str, int]
     population_before: list[str]
-    fitness_before: dict[str, float]
+    fitness_before: dict[str, float] = Field(default_factory=dict)
     offspring: list[OffspringRecord]
     population_after: list[str]
     best: str
@@ -139,6 +147,7 @@ class StepRecord(BaseModel):
     best_performance: float
     mean_fitness: float
     mean_sparsity: float
+    info: dict[str, Any] = Field(default_factory=dict)
     seconds: dict[str, float] = Field(default_factory=dict)
 
 

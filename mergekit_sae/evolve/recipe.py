@@ -13,14 +13,23 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mergekit_sae.domains import (
+    CycleLength,
+    NonNegative,
+    PruneTarget,
+    Rate,
+    Redense,
+    SparsityMeasure,
+    SparsityScope,
+    check_schedule,
+)
+from mergekit_sae.dtypes import DtypeName
+from mergekit_sae.errors import RecipeError
 from mergekit_sae.evaluate import TaskSpec
 
-Dtype = Literal["float32", "bfloat16", "float16"]
+Dtype = DtypeName
 Baseline = Literal["parents", "linear"]
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot run; the message names the file and the field."""
+__all__ = ["Dtype", "Baseline", "RecipeError", "Recipe", "MergeSettings", "Schedule"]
 
 
 class EvolveTask(TaskSpec):
@@ -40,19 +49,15 @@ class Schedule(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    s_min: float = Field(0.1, ge=0.0, lt=1.0)
-    s_max: float = Field(0.6, ge=0.0, lt=1.0)
-    t0: int = Field(3, ge=1)
-    t_mult: int = Field(2, ge=1)
+    s_min: Rate = 0.1
+    s_max: Rate = 0.6
+    t0: CycleLength = 3
+    t_mult: CycleLength = 2
 
     @model_validator(mode="after")
     def _ordered(self) -> Schedule:
-        """s_min must not exceed s_max."""
-        if self.s_min > self.s_max:
-            raise ValueError(
-                f"s_min ({self.s_min}) is larger than s_max ({self.s_max}); "
-                "the rate rises from s_min to s_max"
-            )
+        """The rule ``cyclic_rate`` applies (s_min must not exceed s_max)."""
+        check_schedule(self.s_min, self.s_max, self.t0, self.t_mult)
         return self
 
 
@@ -61,11 +66,11 @@ class MergeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    sparsity_weight: float = Field(1.0, ge=0.0, description="beta of omega = beta * rho")
-    sparsity_measure: Literal["zero_count", "magnitude"] = "zero_count"
-    sparsity_scope: Literal["global", "local"] = "global"
-    prune_target: Literal["weights", "delta"] = "weights"
-    redense: Literal["parents", "original"] = "parents"
+    sparsity_weight: NonNegative = Field(1.0, description="beta of omega = beta * rho")
+    sparsity_measure: SparsityMeasure = "zero_count"
+    sparsity_scope: SparsityScope = "global"
+    prune_target: PruneTarget = "weights"
+    redense: Redense = "parents"
     renormalize: bool = True
 
 
@@ -97,6 +102,72 @@ class Recipe(BaseModel):
     )
     shard_size: int = Field(5 * 1000**3, ge=1, description="bytes per safetensors shard")
     keep_population: bool = Field(False, description="keep members' weights after the run")
+    search: str = Field("sae", description="the search: sae, pso, m2n2 or cmaes")
+    budget: int | None = Field(
+        None, ge=1, description="fitness evaluations allowed (None: what `steps` take)"
+    )
+    search_settings: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="each search's own block, by search name"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_search_blocks(cls, data: Any) -> Any:
+        """Move top-level blocks named after a search (``pso:``...) into ``search_settings``."""
+        from mergekit_sae.search import search_names
+
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        blocks = dict(data.get("search_settings") or {})
+        for name in search_names():
+            if name in data:
+                block = data.pop(name)
+                blocks[name] = {} if block is None else block
+        if blocks:
+            data["search_settings"] = blocks
+        return data
+
+    @field_validator("search")
+    @classmethod
+    def _known_search(cls, value: str) -> str:
+        """The search must be registered."""
+        from mergekit_sae.search import search_names
+
+        if value not in search_names():
+            raise ValueError(f"unknown search {value!r}; choose one of {', '.join(search_names())}")
+        return value
+
+    @field_validator("search_settings")
+    @classmethod
+    def _valid_blocks(cls, value: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Each block validates against its search's settings model (defaults filled in)."""
+        from mergekit_sae.search import search_class, search_names
+
+        checked = {}
+        for name, block in value.items():
+            if name not in search_names():
+                raise ValueError(f"unknown search {name!r}; choose one of {search_names()}")
+            if not isinstance(block, dict):
+                raise ValueError(f"{name}: expected a mapping of settings, got {block!r}")
+            try:
+                settings = search_class(name).settings_model.model_validate(block)
+            except ValidationError as error:
+                problems = "; ".join(
+                    f"{name}.{field_path(tuple(p['loc']))}: "
+                    + p["msg"].removeprefix("Value error, ")
+                    for p in error.errors()
+                )
+                raise ValueError(problems) from None
+            checked[name] = settings.model_dump(mode="json")
+        return checked
+
+    def settings_for(self, name: str | None = None) -> Any:
+        """The validated settings model of a search (default: the recipe's search)."""
+        from mergekit_sae.search import search_class
+
+        name = name or self.search
+        return search_class(name).settings_model.model_validate(self.search_settings.get(name, {}))
 
     @field_validator("models")
     @classmethod
@@ -127,6 +198,9 @@ class Recipe(BaseModel):
             )
         if self.merge.prune_target == "delta" and self.base_model is None:
             raise ValueError("merge.prune_target 'delta' prunes model - base: set base_model")
+        from mergekit_sae.search import search_class
+
+        search_class(self.search).check_recipe(self, self.settings_for())
         return self
 
     def digest_fields(self) -> dict[str, Any]:

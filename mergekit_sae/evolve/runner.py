@@ -19,13 +19,20 @@ from mergekit_sae.evolve.checkpoint import (
     work_dir,
 )
 from mergekit_sae.evolve.finish import finish
-from mergekit_sae.evolve.loop import RunContext, evolve
+from mergekit_sae.evolve.loop import RunContext, evolve, is_complete
 from mergekit_sae.evolve.merging import MergeInputError, check_compatible, model_dtype
 from mergekit_sae.evolve.recipe import Recipe, RecipeError, resolve_model
 from mergekit_sae.evolve.scoring import Evaluator
 
 # Recipe fields a resumed run may change: they do not alter the steps already taken.
-RESUMABLE_CHANGES = ("steps", "device", "eval_batch_size", "keep_population", "test_baselines")
+RESUMABLE_CHANGES = (
+    "steps",
+    "budget",
+    "device",
+    "eval_batch_size",
+    "keep_population",
+    "test_baselines",
+)
 
 
 class OutputFolderError(RuntimeError):
@@ -189,6 +196,6 @@ def run(
         shard_size=recipe.shard_size,
     )
     state = evolve(ctx, state, stop_after=stop_after, on_checkpoint=on_checkpoint)
-    if state.step >= recipe.steps:
+    if is_complete(recipe, state):
         state = finish(ctx, state)
     return state

@@ -35,6 +35,10 @@ class Evaluator(Protocol):
         """Per-task score in [0, 1] of the current candidate on the given items."""
         ...
 
+    def score_items(self, items: Mapping[str, Sequence[Any]]) -> dict[str, list[float]]:
+        """Per-item scores in [0, 1] of the current candidate, task by task, in item order."""
+        ...
+
 
 class ResidentEvaluator:
     """Scores candidates with one model held in memory whose weights are replaced in place."""
@@ -62,16 +66,23 @@ class ResidentEvaluator:
         """Copy a model's weights from disk into the resident model."""
         self.resident.load_weights(path)
 
+    def score_items(self, items: Mapping[str, Sequence[Any]]) -> dict[str, list[float]]:
+        """Each task's per-item scores of the resident model on its items."""
+        return {
+            name: list(
+                self.tasks[name].score(
+                    self.resident.model,
+                    self.resident.tokenizer,
+                    list(task_items),
+                    batch_size=self.batch_size,
+                )
+            )
+            for name, task_items in items.items()
+        }
+
     def score(self, items: Mapping[str, Sequence[Any]]) -> dict[str, float]:
         """Each task's aggregate score of the resident model on its items."""
-        results = {}
-        for name, task_items in items.items():
-            task = self.tasks[name]
-            per_item = task.score(
-                self.resident.model,
-                self.resident.tokenizer,
-                list(task_items),
-                batch_size=self.batch_size,
-            )
-            results[name] = task.aggregate(per_item)
-        return results
+        return {
+            name: self.tasks[name].aggregate(values)
+            for name, values in self.score_items(items).items()
+        }
