@@ -1,13 +1,20 @@
 """The ``mergekit-sae`` command: wires subcommands that live beside the code they drive.
 
-Subcommands are imported only when invoked, so ``mergekit-sae --help`` stays fast.
+Subcommands are imported only when invoked, so ``mergekit-sae --help`` stays fast. Every
+error reaches the user through one funnel (:meth:`LazyGroup.invoke`): the package's own
+errors (``mergekit_sae.errors``) as one line ``error: ...`` with exit code 1 (2 for usage
+errors), anything else as its type and first line with a hint to rerun with ``--debug``,
+which shows the full traceback instead.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import click
+
+from mergekit_sae.errors import MergekitSaeError
 
 # name -> ("module:attribute", one-line help shown by `mergekit-sae --help`)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -15,11 +22,48 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "testbed": ("mergekit_sae.testbed.cli:testbed", "Build and inspect the embedded tiny testbed."),
     "evolve": ("mergekit_sae.evolve.cli:evolve", "Run the sparsity-aware evolutionary search."),
     "publish": ("mergekit_sae.evolve.publish:publish", "Upload an evolved model to the Hub."),
+    "scf-rkl": ("mergekit_sae.scf_rkl_cli:scf_rkl", "SCF-RKL: functional importance, threshold."),
+    "compare": ("mergekit_sae.compare.cli:compare", "Compare searches and one-shot merges."),
 }
 
 
+class CommandError(click.ClickException):
+    """An error as the command line shows it: ``error: message`` on stderr, then exit."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True, file=file)
+
+
+def format_exception(error: BaseException) -> CommandError:
+    """The one-line report of an exception: known errors whole, others short with a hint."""
+    if isinstance(error, MergekitSaeError):
+        return CommandError(str(error), error.exit_code)
+    lines = str(error).strip().splitlines()
+    first = f": {lines[0]}" if lines else ""
+    more = " ..." if len(lines) > 1 else ""
+    return CommandError(
+        f"{type(error).__name__}{first}{more}\n(an unexpected error; rerun with "
+        "`mergekit-sae --debug ...` for the traceback)"
+    )
+
+
 class LazyGroup(click.Group):
-    """A click group whose subcommands are imported on first use."""
+    """A click group whose subcommands are imported on first use, with the error funnel."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the subcommand; turn an exception into one ``error:`` line unless --debug."""
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as error:
+            if ctx.params.get("debug"):
+                raise
+            raise format_exception(error) from error
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(SUBCOMMANDS)
@@ -38,7 +82,8 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup)
 @click.version_option(package_name="mergekit-sae")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+def main(debug: bool) -> None:
     """Sparsity-Aware Evolution (SAE) for model merging, inside MergeKit.
 
     Recipes with `merge_method: sae_evolve` also run with plain `mergekit-yaml`.

@@ -19,6 +19,7 @@ from mergekit.config import ConditionalParameter, MergeConfiguration
 from mergekit.io.tasks import LoaderCache
 from mergekit.options import MergeOptions, add_merge_options
 
+from mergekit_sae.errors import RecipeError
 from mergekit_sae.sparsity import model_sparsity, prune
 
 _SCALARS = (bool, int, float, str)
@@ -39,9 +40,10 @@ def _scalar(setting: Any, field: str, model: ModelReference, default: Any) -> An
         return default
     if isinstance(setting, _SCALARS):
         return setting
-    raise click.UsageError(
+    raise RecipeError(
         f"cannot compute global_sparsity for {model}: `{field}` varies across tensors; "
-        "set that model's `global_sparsity` in the recipe"
+        "set that model's `global_sparsity` in the recipe",
+        field=field,
     )
 
 
@@ -75,7 +77,7 @@ def _global_sparsity(
     measure = _scalar(shared.get("sparsity_measure"), "sparsity_measure", model, "zero_count")
     target = _scalar(shared.get("prune_target"), "prune_target", model, "weights")
     if target == "delta" and base is None:
-        raise click.UsageError("prune_target 'delta' needs a base_model")
+        raise RecipeError("prune_target 'delta' needs a base_model", field="base_model")
     dtype = dtype_from_name(config.dtype) if config.dtype else None
 
     def pruned() -> Iterator[torch.Tensor]:
@@ -94,9 +96,10 @@ def complete_global_sparsity(config: MergeConfiguration) -> bool:
     if config.merge_method != "sae_evolve" or not _mentions(shared.get("sparsity_scope"), "global"):
         return False
     if config.models is None:
-        raise click.UsageError(
+        raise RecipeError(
             "global sparsity is computed only for recipes with a `models:` list; "
-            "set `global_sparsity` per model for slice or module recipes"
+            "set `global_sparsity` per model for slice or module recipes",
+            field="models",
         )
     changed = False
     for model_in in config.models:
@@ -126,29 +129,21 @@ def merge(merge_options: MergeOptions, recipe: Path, out: Path) -> None:
     """
     import mergekit.merge
 
-    from mergekit_sae.evolve.reproduce import load_stages, run_recipe
+    from mergekit_sae.evolve.reproduce import load_stages, run_recipe, validate_stage
     from mergekit_sae.methods import register_all
-    from mergekit_sae.methods.run_guard import guarded_run_merge
+    from mergekit_sae.methods.run_guard import run_merge_atomic
 
     register_all()
     merge_options.apply_global_options()
-    try:
-        stages = load_stages(recipe)
-    except ValueError as error:
-        raise click.UsageError(str(error)) from error
+    stages = load_stages(recipe)
     if len(stages) > 1:
         run_recipe(recipe, out, options=merge_options)
         return
     source = recipe.read_text(encoding="utf-8")
-    try:
-        config = MergeConfiguration.model_validate(stages[0])
-    except Exception as error:
-        raise click.UsageError(f"{recipe}: invalid recipe: {error}") from error
+    config = validate_stage(stages[0], str(recipe))
     LoaderCache().setup(options=merge_options)
     if complete_global_sparsity(config):
         source = config.to_yaml()
-    run_merge = guarded_run_merge(mergekit.merge.run_merge)
-    try:
-        run_merge(config, str(out), options=merge_options, config_source=source)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from error
+    run_merge_atomic(
+        mergekit.merge.run_merge, config, str(out), options=merge_options, config_source=source
+    )

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-SparsityMeasure = Literal["zero_count", "magnitude"]
-SPARSITY_MEASURES: tuple[str, ...] = ("zero_count", "magnitude")
+from mergekit_sae.domains import SparsityMeasure, check_schedule, choices
+
+SPARSITY_MEASURES: tuple[str, ...] = choices(SparsityMeasure)
 
 CHUNK_ELEMENTS = 1 << 22
 _DIGIT_BITS = 16
@@ -185,19 +186,11 @@ def model_sparsity(tensors: Iterable[Tensor], measure: SparsityMeasure) -> float
     return sparsity_from_stats(stats, measure)
 
 
-def _check_schedule(s_min: float, s_max: float, t0: int, t_mult: int) -> None:
-    """Reject schedule settings that do not describe a rising rate inside [0, 1)."""
-    if not 0.0 <= s_min <= s_max < 1.0:
-        raise ValueError(f"need 0 <= s_min <= s_max < 1, got s_min={s_min}, s_max={s_max}")
-    if int(t0) != t0 or t0 < 1 or int(t_mult) != t_mult or t_mult < 1:
-        raise ValueError(f"t0 and t_mult must be integers >= 1, got t0={t0}, t_mult={t_mult}")
-
-
 def cyclic_rate(
     step: int, *, s_min: float = 0.1, s_max: float = 0.6, t0: int = 3, t_mult: int = 2
 ) -> float:
     """Pruning rate at a 0-based step: cosine rise from s_min to s_max in cycles T0, T0*Tm, ..."""
-    _check_schedule(s_min, s_max, t0, t_mult)
+    check_schedule(s_min, s_max, t0, t_mult)
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     length, position = int(t0), int(step)

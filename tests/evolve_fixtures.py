@@ -162,13 +162,17 @@ class FakeEvaluator:
         self.current = {name: loader.get_tensor(name) for name in PROBE.values()}
 
     def score_items(self, items: Mapping[str, Sequence[int]]) -> dict[str, list[float]]:
+        """Per-item scores (one fitness evaluation, counted in ``scored``)."""
         self.scored += 1
         return {
             task: probe_items(self.current[PROBE[task]], list(ids)) for task, ids in items.items()
         }
 
     def score(self, items: Mapping[str, Sequence[int]]) -> dict[str, float]:
-        return {task: sum(v) / len(v) for task, v in self.score_items(items).items()}
+        """Task scores (the final test report); not counted in ``scored``."""
+        return {
+            task: probe_score(self.current[PROBE[task]], list(ids)) for task, ids in items.items()
+        }
 
 
 def probe_items(tensor: torch.Tensor, ids: Sequence[int]) -> list[float]:

@@ -68,7 +68,8 @@ def test_spec_names_missing_file(tmp_path):
 
 
 def test_spec_lists_known_types(tmp_path):
-    with pytest.raises(ValidationError, match="generate_exact_match.*multiple_choice.*lm_eval"):
+    known = "generate_exact_match, generate_text_match, lm_eval, multiple_choice"
+    with pytest.raises(ValidationError, match=f"unknown task type 'mcq'; known types: {known}"):
         TaskSpec(name="m", type="mcq", test=write_jsonl(tmp_path / "t.jsonl", MC_ITEMS))
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from mergekit_sae.cli import main
 from mergekit_sae.evolve import publish as publish_mod
 
 FILES = {
@@ -130,9 +131,9 @@ def test_public_by_default(out_dir: Path, monkeypatch) -> None:
 def test_incomplete_folder_is_refused(out_dir: Path, remove: str, message: str) -> None:
     (out_dir / remove).unlink()
     result = CliRunner().invoke(
-        publish_mod.publish, [str(out_dir), "--repo-id", "me/model", "--dry-run"]
+        main, ["publish", str(out_dir), "--repo-id", "me/model", "--dry-run"]
     )
-    assert result.exit_code != 0
+    assert result.exit_code == 1
     assert message in result.output
     assert str(out_dir) in result.output
 
@@ -145,8 +146,8 @@ def test_sharded_weights_count_as_a_model(out_dir: Path) -> None:
 
 def test_missing_folder_and_bad_repo_id(tmp_path: Path, out_dir: Path) -> None:
     runner = CliRunner()
-    result = runner.invoke(publish_mod.publish, [str(tmp_path / "nope"), "--repo-id", "me/x"])
-    assert result.exit_code != 0 and "not a directory" in result.output
+    result = runner.invoke(main, ["publish", str(tmp_path / "nope"), "--repo-id", "me/x"])
+    assert result.exit_code == 1 and "not a directory" in result.output
     result = runner.invoke(publish_mod.publish, [str(out_dir), "--repo-id", "justname"])
     assert result.exit_code != 0 and "USER/NAME" in result.output
 

@@ -9,7 +9,7 @@ import yaml
 from click.testing import CliRunner
 from evolve_fixtures import VOCAB, recipe_data, task_files, tiny_llama
 
-from mergekit_sae.evolve.cli import evolve
+from mergekit_sae.cli import main
 from mergekit_sae.evolve.recipe import Recipe, RecipeError, parse_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,7 +26,7 @@ def run_cli(tmp_path: Path, data: dict, *extra: str, out: Path | None = None):
     recipe = tmp_path / "recipe.yml"
     recipe.write_text(yaml.safe_dump(data))
     out = out or tmp_path / "out"
-    result = CliRunner().invoke(evolve, [str(recipe), str(out), "--quiet", *extra])
+    result = CliRunner().invoke(main, ["evolve", str(recipe), str(out), "--quiet", *extra])
     return result, out
 
 

@@ -15,6 +15,7 @@ from mergekit.merge_methods import merge_tensors
 from mergekit.options import MergeOptions
 from method_fixtures import build_tiny_llama, load_weights, run_cli, save_weights, write_recipe
 
+from mergekit_sae.cli import main
 from mergekit_sae.merge_cli import merge as merge_command
 from mergekit_sae.methods import register_all
 
@@ -179,11 +180,11 @@ BAD_CASES = {
     "missing": ("missing", {}, {}, "model.layers.1.mlp.up_proj.weight required but not present"),
     "nan": ("nan", {}, {}, r"q_proj\.weight: model .*nan contains 1 NaN and 0 Inf values"),
     "inf": ("inf", {}, {}, r"q_proj\.weight: model .*inf contains 0 NaN and 1 Inf values"),
-    "negative score": ("b", {}, {"score": -0.5}, r"\.weight: score of model .* must be .* >= 0"),
+    "negative score": ("b", {}, {"score": -0.5}, r"models\[1\] .*: score must be .* >= 0"),
     "zero scores": ("b", {}, {"score": 0.0, "first": 0.0}, r"\.weight: all scores are zero"),
-    "density": ("b", {}, {"density": 1.5}, r"\.weight: density of model .* must be in \(0, 1\]"),
-    "measure": ("b", {"sparsity_measure": "l2"}, {}, r"\.weight: unknown sparsity_measure 'l2'"),
-    "scope": ("b", {"sparsity_scope": "layer"}, {}, r"\.weight: unknown sparsity_scope 'layer'"),
+    "density": ("b", {}, {"density": 1.5}, r"models\[1\] .*: density must be in \(0, 1\], got 1.5"),
+    "measure": ("b", {"sparsity_measure": "l2"}, {}, r"parameters: unknown sparsity_measure 'l2'"),
+    "scope": ("b", {"sparsity_scope": "layer"}, {}, r"parameters: unknown sparsity_scope 'layer'"),
     "global": ("b", {"sparsity_scope": "global"}, {}, "use `mergekit-sae merge`|run the recipe"),
     "unknown": ("b", {"sparsity_wieght": 1.0}, {}, "unknown parameter `sparsity_wieght`"),
     "misplaced": ("b", {}, {"sparsity_weight": 1.0}, "`sparsity_weight` is shared by all models"),
@@ -273,8 +274,8 @@ def test_mergekit_sae_merge_reports_bad_input_and_writes_nothing(models, tmp_pat
     recipe = two_model_recipe(models["a"], models["b"], redense="sometimes")
     path = write_recipe(tmp_path / "bad.yml", recipe)
     out = tmp_path / "out"
-    result = CliRunner().invoke(merge_command, [str(path), str(out), "--quiet"])
-    assert result.exit_code == 1
+    result = CliRunner().invoke(main, ["merge", str(path), str(out), "--quiet"])
+    assert result.exit_code == 1 and result.output.startswith("error: recipe parameters")
     assert "unknown redense 'sometimes'" in result.output
     assert sorted(os.listdir(tmp_path)) == ["bad.yml"]
 

@@ -146,6 +146,7 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_cli_build_then_info(tmp_path):
+    from mergekit_sae.cli import main
     from mergekit_sae.testbed.cli import testbed
 
     config = tmp_path / "tiny.json"
@@ -161,17 +162,17 @@ def test_cli_build_then_info(tmp_path):
     info = runner.invoke(testbed, ["info", str(out)])
     assert info.exit_code == 0, info.output
     assert "multilingual" in info.output and str(out / "math") in info.output
-    missing = runner.invoke(testbed, ["info", str(tmp_path / "nothing")])
-    assert missing.exit_code != 0 and "report.json is missing" in missing.output
+    missing = runner.invoke(main, ["testbed", "info", str(tmp_path / "nothing")])
+    assert missing.exit_code == 1 and "report.json is missing" in missing.output
 
 
 def test_bad_config_file_is_named(tmp_path):
-    from mergekit_sae.testbed.cli import testbed
+    from mergekit_sae.cli import main
 
     config = tmp_path / "bad.yml"
     config.write_text("hidden_size: 30\nnum_heads: 4\n")
-    result = CliRunner().invoke(testbed, ["build", "--config", str(config)])
-    assert result.exit_code != 0
+    result = CliRunner().invoke(main, ["testbed", "build", "--config", str(config)])
+    assert result.exit_code == 1 and result.output.startswith("error: testbed config")
     assert "bad.yml" in result.output and "divisible" in result.output
 
 

@@ -8,13 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-T = TypeVar("T")
+from mergekit_sae.evaluate import registry
+from mergekit_sae.evaluate.registry import JsonKind
 
-# Keys each built-in task type requires in every item, with the JSON type they must have.
-REQUIRED_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "generate_exact_match": {"prompt": str, "answer": (str, int, float)},
-    "multiple_choice": {"prompt": str, "choices": list, "label": int},
-}
+T = TypeVar("T")
 
 
 class TaskDataError(ValueError):
@@ -45,27 +42,24 @@ def load_jsonl(path: str | Path, task_type: str | None = None) -> list[dict[str,
     return items
 
 
-def item_problem(item: Any, task_type: str) -> str | None:
-    """Describe what is wrong with one item for a task type, or None when it is valid."""
+def item_problem(item: Any, type_name: str) -> str | None:
+    """Describe what is wrong with one item for a task type, or None when it is valid.
+
+    The keys and their JSON types come from the type's registry entry, then its own item check.
+    """
     if not isinstance(item, dict):
         return f"expected a JSON object, got {type(item).__name__}"
-    for key, kind in REQUIRED_KEYS[task_type].items():
+    kind = registry.task_type(type_name)
+    for key, json_kind in kind.item_keys.items():
         if key not in item:
-            needed = sorted(REQUIRED_KEYS[task_type])
-            return f"missing key {key!r} (a {task_type} item needs {needed})"
+            return f"missing key {key!r} (a {type_name} item needs {sorted(kind.item_keys)})"
         value = item[key]
-        if not isinstance(value, kind) or isinstance(value, bool):
-            return f"key {key!r} has type {type(value).__name__}, expected {_kind_name(kind)}"
-    if task_type == "multiple_choice":
-        choices, label = item["choices"], item["label"]
-        if len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-            return "'choices' must be a list of at least two strings"
-        if not 0 <= label < len(choices):
-            return f"'label' {label} is out of range for {len(choices)} choices"
-    return None
+        if not isinstance(value, json_kind) or isinstance(value, bool):
+            return f"key {key!r} has type {type(value).__name__}, expected {_kind_name(json_kind)}"
+    return kind.check_item(item) if kind.check_item is not None else None
 
 
-def _kind_name(kind: type | tuple[type, ...]) -> str:
+def _kind_name(kind: JsonKind) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join(k.__name__ for k in kinds)
 

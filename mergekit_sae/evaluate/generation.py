@@ -1,16 +1,21 @@
-"""Batched greedy generation with a KV cache, left padding and early stop on stop strings."""
+"""Batched greedy generation through ``model.generate``, left padded, stopping on stop strings.
+
+Prompts are encoded as lm-eval's HF backend does, grouped by length, left padded with attention
+masks, and continued by plain argmax (none of the checkpoint's own generation settings); each
+text is cut before its first stop string.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
-from transformers import DynamicCache
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from mergekit_sae.evaluate.device import map_batches
-from mergekit_sae.evaluate.padding import (
+from mergekit_sae.evaluate.forward import (
     encode,
-    forward_cached,
     left_pad,
     max_length,
     model_device,
@@ -41,67 +46,102 @@ def greedy_generate(
 ) -> list[str]:
     """Greedily continue each prompt; each text ends before its first stop string.
 
-    A row stops at a stop string, at the EOS token, or after max_new_tokens tokens; the
-    batch stops as soon as every row has. Prompts are grouped by length to limit padding.
+    A row stops at a stop string, at an EOS token, or after max_new_tokens tokens; the batch
+    stops as soon as every row has.
     """
+    encoded, order = prepare_prompts(model, tokenizer, prompts, max_new_tokens)
+
+    def run(batch: list[int]) -> list[str]:
+        tokens = _generate_batch(
+            model, tokenizer, [encoded[i] for i in batch], max_new_tokens, stop
+        )
+        return texts_of(model, tokenizer, tokens, stop)
+
+    result = [""] * len(prompts)
+    for index, text in zip(order, map_batches(run, order, batch_size), strict=True):
+        result[index] = text
+    return result
+
+
+def prepare_prompts(
+    model, tokenizer, prompts: Sequence[str], max_new_tokens: int
+) -> tuple[list[list[int]], list[int]]:
+    """Token ids of each prompt (an empty one is BOS), cut to fit the model's context with the
+    generation budget, and the prompt indices longest first (to limit padding)."""
     encoded = [encode(tokenizer, p) or [prefix_id(tokenizer)] for p in prompts]
     limit = max_length(model)
     if limit is not None:
         encoded = [e[-max(1, limit - max_new_tokens) :] for e in encoded]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-
-    def run(batch: list[int]) -> list[str]:
-        return _generate_batch(
-            model, tokenizer, [encoded[i] for i in batch], max_new_tokens, tuple(stop)
-        )
-
-    texts = map_batches(run, order, batch_size)
-    result = [""] * len(prompts)
-    for index, text in zip(order, texts, strict=True):
-        result[index] = text
-    return result
+    return encoded, order
 
 
 def _generate_batch(
-    model, tokenizer, sequences: list[list[int]], max_new_tokens: int, stop: tuple[str, ...]
-) -> list[str]:
-    """Generate for one batch of encoded prompts; finished rows leave the batch (and cache)."""
-    device = model_device(model)
-    ids, mask, positions = left_pad(sequences, pad_id(tokenizer), device)
-    eos = _eos_ids(model, tokenizer)
-    cache = DynamicCache(config=model.config)
-    generated: list[list[int]] = [[] for _ in sequences]
-    active = list(range(len(sequences)))  # rows still generating, in cache order
-    step_ids = ids
-    for step in range(max_new_tokens):
-        next_ids = forward_cached(model, step_ids, mask, positions, cache).argmax(-1)
-        finished = torch.isin(next_ids, eos) if eos.numel() else torch.zeros_like(next_ids).bool()
-        for row, token in zip(active, next_ids.tolist(), strict=True):
-            generated[row].append(token)
-        if stop:
-            texts = tokenizer.batch_decode(
-                [generated[row] for row in active], skip_special_tokens=True
-            )
-            hits = [any(s in text for s in stop) for text in texts]
-            finished |= torch.as_tensor(hits, device=device)
-        if step == max_new_tokens - 1 or bool(finished.all()):
-            break
-        keep = (~finished).nonzero().flatten()
-        if len(keep) < len(active):
-            cache.batch_select_indices(keep)
-            active = [active[i] for i in keep.tolist()]
-            next_ids, mask, positions = next_ids[keep], mask[keep], positions[keep]
-        step_ids = next_ids[:, None]
-        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-        positions = positions[:, -1:] + 1
+    model, tokenizer, sequences: list[list[int]], max_new_tokens: int, stop: Sequence[str]
+) -> list[list[int]]:
+    """Generated token ids of one batch of encoded prompts (``model.generate``, greedy)."""
+    ids, mask, _ = left_pad(sequences, pad_id(tokenizer), model_device(model))
+    criteria = StoppingCriteriaList([StopOnText(tokenizer, stop, ids.shape[1])] if stop else [])
+    eos = eos_ids(model, tokenizer).tolist() or None
+    with plain_generation_config(model):
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            stopping_criteria=criteria,
+            eos_token_id=eos,
+            pad_token_id=pad_id(tokenizer),
+        )
+    return out[:, ids.shape[1] :].tolist()
+
+
+@contextmanager
+def plain_generation_config(model) -> Iterator[None]:
+    """Give the model a default GenerationConfig for the call, restoring its own afterwards.
+
+    ``generate`` fills every unset option from the checkpoint's ``generation_config.json``, so a
+    shipped ``repetition_penalty`` or ``no_repeat_ngram_size`` would alter greedy decoding (and
+    hide the very repetition the stability metrics measure); scoring wants the plain argmax.
+    """
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+class StopOnText(StoppingCriteria):
+    """Stops a row once its decoded generated text holds a stop string (as lm-eval checks).
+
+    transformers' own ``stop_strings`` fails on word-level tokenizers (such as the testbed's):
+    its vocabulary cleaning needs the tokenizer to spell out ``"abcdef"``.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str], prompt_width: int):
+        self.tokenizer, self.stop, self.prompt_width = tokenizer, tuple(stop), prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(
+            input_ids[:, self.prompt_width :], skip_special_tokens=True
+        )
+        hits = [any(s in text for s in self.stop) for text in texts]
+        return torch.tensor(hits, dtype=torch.bool, device=input_ids.device)
+
+
+def texts_of(model, tokenizer, tokens: list[list[int]], stop: Sequence[str]) -> list[str]:
+    """Decode each row's generated tokens up to its first EOS and cut it at its first stop."""
+    eos = set(eos_ids(model, tokenizer).tolist())
     texts = []
-    for tokens in generated:
-        text = tokenizer.decode(_until_eos(tokens, eos), skip_special_tokens=True)
-        texts.append(truncate_at_stop(text, stop))
+    for row in tokens:
+        end = next((i for i, t in enumerate(row) if t in eos), len(row))
+        texts.append(truncate_at_stop(tokenizer.decode(row[:end], skip_special_tokens=True), stop))
     return texts
 
 
-def _eos_ids(model, tokenizer) -> torch.Tensor:
+def eos_ids(model, tokenizer) -> torch.Tensor:
     """All token ids that end a generation (the generation config's and the tokenizer's EOS)."""
     ids: set[int] = set()
     candidates = [tokenizer.eos_token_id]
@@ -114,12 +154,3 @@ def _eos_ids(model, tokenizer) -> torch.Tensor:
         elif isinstance(c, (list, tuple)):
             ids.update(int(x) for x in c)
     return torch.tensor(sorted(ids), dtype=torch.long, device=model_device(model))
-
-
-def _until_eos(tokens: list[int], eos: torch.Tensor) -> list[int]:
-    """Tokens before the first EOS."""
-    eos_set = set(eos.tolist())
-    for i, t in enumerate(tokens):
-        if t in eos_set:
-            return tokens[:i]
-    return tokens

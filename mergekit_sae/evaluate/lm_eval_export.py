@@ -44,8 +44,11 @@ def lm_eval_config(spec: TaskSpec, task_name: str | None = None) -> dict[str, An
     ``flexible-extract`` = ``flexible``); multiple-choice tasks report ``acc`` (normalize
     ``none``) and ``acc_norm`` (normalize ``chars``).
     """
-    if spec.type == "lm_eval":
-        raise ValueError(f"task {spec.name!r} is already an lm_eval task")
+    if spec.type not in ("generate_exact_match", "multiple_choice"):
+        raise ValueError(
+            f"task {spec.name!r}: only generate_exact_match and multiple_choice tasks can be "
+            f"written as lm-eval YAML, not {spec.type}"
+        )
     files = {s: str(getattr(spec, s)) for s in ("train", "test") if getattr(spec, s) is not None}
     config: dict[str, Any] = {
         "task": task_name or spec.name,

@@ -14,6 +14,7 @@ from functools import cache
 from typing import Any
 
 from mergekit_sae.evaluate.device import call_with_oom_backoff
+from mergekit_sae.evaluate.registry import TaskType, register_task_type
 from mergekit_sae.evaluate.spec import TaskSpec
 from mergekit_sae.evaluate.tasks import DEFAULT_BATCH_SIZE, Task
 
@@ -181,3 +182,29 @@ def _require_lm_eval() -> None:
         raise ImportError(
             "lm_eval tasks need lm-eval-harness: pip install 'mergekit-sae[lm-eval]'"
         ) from e
+
+
+def check_spec(spec: TaskSpec) -> None:
+    """Every include_path entry must be a folder."""
+    for path in spec.include_path:
+        if not path.is_dir():
+            raise ValueError(f"include_path {path} is not a directory")
+
+
+TASK_TYPE = register_task_type(
+    TaskType(
+        name="lm_eval",
+        task_class=LmEvalTask,
+        options=(
+            "lm_eval_task",
+            "train_task",
+            "num_fewshot",
+            "limit",
+            "apply_chat_template",
+            "include_path",
+            "metric",
+            "filter",
+        ),
+        check_spec=check_spec,
+    )
+)

@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from mergekit_sae.evaluate.device import map_batches
-from mergekit_sae.evaluate.padding import (
+from mergekit_sae.evaluate.forward import (
     encode,
     forward_cached,
     left_pad,

@@ -1,4 +1,9 @@
-"""Tasks: items of a split, per-item scores of a model on them, and their aggregate."""
+"""Tasks: items of a split, per-item scores of a model on them, and their aggregate.
+
+:class:`Task` is the base every registered task type's scorer derives from;
+:class:`GenerationTask` adds greedy generation and the generation-stability metrics.
+:func:`load_task` builds the scorer of a spec's type from the registry.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mergekit_sae.evaluate.data import load_jsonl
-from mergekit_sae.evaluate.extract import (
-    answers_match,
-    extract_flexible,
-    extract_strict,
-    reference_answer,
-)
 from mergekit_sae.evaluate.generation import greedy_generate
-from mergekit_sae.evaluate.loglik import continuation_logliks, encode_pair
+from mergekit_sae.evaluate.registry import task_type
+from mergekit_sae.evaluate.repetition import distinct_n, repetition_rate
 from mergekit_sae.evaluate.spec import TaskSpec
 
 Split = Literal["train", "test"]
@@ -55,100 +55,41 @@ class Task:
             raise ValueError(f"task {self.name!r}: cannot aggregate an empty list of scores")
         return float(sum(scores) / len(scores))
 
+    def generation_metrics(self, details: Sequence[dict[str, Any]]) -> dict[str, float]:
+        """Aggregate metrics of the generated texts in ``score_details`` records (none here)."""
+        return {}
+
     def _batch_size(self, batch_size: int | None) -> int:
         return batch_size or self.spec.batch_size or DEFAULT_BATCH_SIZE
 
 
-class GenerateExactMatchTask(Task):
-    """Greedy generation; the extracted number must equal the item's answer."""
+class GenerationTask(Task):
+    """A task scored on greedy continuations of each item's prompt (``output`` in its records)."""
 
-    def score_details(self, model, tokenizer, items, *, batch_size=None):
-        """Records with the generated text, both extractions, the prediction used and the score.
-
-        ``prediction`` follows ``spec.extraction``: ``strict`` takes the ``#### N`` answer,
-        ``flexible`` the last number, ``strict_or_flexible`` (default) the first when present.
-        """
-        spec = self.spec
-        outputs = greedy_generate(
+    def generate(
+        self, model, tokenizer, items: Sequence[dict], batch_size: int | None
+    ) -> list[str]:
+        """Greedy continuation of each item's prompt, with the spec's budget and stop strings."""
+        return greedy_generate(
             model,
             tokenizer,
             [item["prompt"] for item in items],
-            max_new_tokens=spec.max_new_tokens,
-            stop=spec.stop,
+            max_new_tokens=self.spec.max_new_tokens,
+            stop=self.spec.stop,
             batch_size=self._batch_size(batch_size),
         )
-        records = []
-        for item, output in zip(items, outputs, strict=True):
-            strict, flexible = extract_strict(output), extract_flexible(output)
-            prediction = {
-                "strict": strict,
-                "flexible": flexible,
-                "strict_or_flexible": strict if strict is not None else flexible,
-            }[spec.extraction]
-            target = reference_answer(item["answer"])
-            records.append(
-                {
-                    "output": output,
-                    "strict": strict,
-                    "flexible": flexible,
-                    "prediction": prediction,
-                    "target": target,
-                    "strict_match": float(answers_match(strict, target)),
-                    "flexible_match": float(answers_match(flexible, target)),
-                    "score": float(answers_match(prediction, target)),
-                }
-            )
-        return records
 
+    def generation_metrics(self, details: Sequence[dict[str, Any]]) -> dict[str, float]:
+        """Stability of the outputs: share that loop (``repetition_rate``) and distinct-1/2.
 
-class MultipleChoiceTask(Task):
-    """Each choice is scored by its log-likelihood after the prompt; the best must be the label."""
-
-    def score_details(self, model, tokenizer, items, *, batch_size=None):
-        """Records with each choice's log-likelihood, the chosen index and the score."""
-        spec = self.spec
-        requests, spans = [], []
-        for item in items:
-            start = len(requests)
-            for choice in item["choices"]:
-                request = encode_pair(tokenizer, item["prompt"], spec.target_delimiter + choice)
-                if not request.continuation:
-                    raise ValueError(
-                        f"task {self.name!r}: choice {choice!r} of item {len(spans)} "
-                        "encodes to no tokens after its prompt"
-                    )
-                requests.append(request)
-            spans.append((start, len(requests)))
-        logliks = continuation_logliks(
-            model, tokenizer, requests, batch_size=self._batch_size(batch_size)
-        )
-        records = []
-        for item, (start, end) in zip(items, spans, strict=True):
-            values = [
-                _normalized(logliks[i], requests[i].continuation, choice, spec.normalize)
-                for i, choice in zip(range(start, end), item["choices"], strict=True)
-            ]
-            chosen = max(range(len(values)), key=values.__getitem__)
-            records.append(
-                {
-                    "logliks": logliks[start:end],
-                    "values": values,
-                    "chosen": chosen,
-                    "label": item["label"],
-                    "score": float(chosen == item["label"]),
-                }
-            )
-        return records
-
-
-def _normalized(loglik: float, tokens: Sequence[int], choice: str, normalize: str) -> float:
-    """The value choices are ranked by: the sum, or per token, or per character (lm-eval's
-    acc_norm divides by the choice's character count)."""
-    if normalize == "tokens":
-        return loglik / max(1, len(tokens))
-    if normalize == "chars":
-        return loglik / max(1, len(choice))
-    return loglik
+        Definitions are in :mod:`mergekit_sae.evaluate.repetition` (whitespace tokens).
+        """
+        texts = [d["output"] for d in details]
+        return {
+            "repetition_rate": repetition_rate(texts),
+            "distinct_1": distinct_n(texts, 1),
+            "distinct_2": distinct_n(texts, 2),
+        }
 
 
 def _split_path(spec: TaskSpec, split: str) -> Path:
@@ -162,20 +103,17 @@ def _split_path(spec: TaskSpec, split: str) -> Path:
 
 @cache
 def _cached_items(
-    path: Path, mtime_ns: int, size: int, task_type: str
+    path: Path, mtime_ns: int, size: int, type_name: str
 ) -> tuple[dict[str, Any], ...]:
     """Items of one JSONL file, read again only when its modification time or size changes."""
-    return tuple(load_jsonl(path, task_type))
+    return tuple(load_jsonl(path, type_name))
 
 
 def load_task(spec: TaskSpec | dict) -> Task:
-    """Build the task a spec describes (a dict is validated as a TaskSpec first)."""
+    """Build the task a spec describes (a dict is validated as a TaskSpec first).
+
+    The scorer class comes from the task-type registry, so every registered type loads here.
+    """
     if not isinstance(spec, TaskSpec):
         spec = TaskSpec.model_validate(spec)
-    if spec.type == "generate_exact_match":
-        return GenerateExactMatchTask(spec)
-    if spec.type == "multiple_choice":
-        return MultipleChoiceTask(spec)
-    from mergekit_sae.evaluate.lm_eval_task import LmEvalTask
-
-    return LmEvalTask(spec)
+    return task_type(spec.type).task_class(spec)

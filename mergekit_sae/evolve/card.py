@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from mergekit_sae.evolve.checkpoint import write_atomic
+from mergekit_sae.atomic import write_text
 
 CARD_FILE = "README.md"
 TAGS = ("merge", "mergekit", "sae_evolve", "mergekit-sae")
@@ -65,13 +65,15 @@ def render_card(
     results: Mapping[str, Mapping[str, float]],
     tasks: Sequence[str] | None = None,
     evolved: str | None = None,
+    found_by: str = f"Sparsity-Aware Evolution ([SAE]({PAPER}))",
     settings: Mapping[str, Any] | None = None,
     license: str | None = None,
 ) -> str:
     """Text of the model card: front matter, description, results, settings, recipe.
 
     ``results`` maps a row label to its test accuracy per task (in [0, 1]), rows in display
-    order; ``evolved`` names the row of the evolved model (shown in bold). ``parents`` that are
+    order; ``evolved`` names the row of the evolved model (shown in bold); ``found_by`` names
+    the search in the description (Markdown). ``parents`` that are
     Hub ids become the ``base_model`` list; local paths are named in the text only.
     """
     from huggingface_hub import ModelCardData
@@ -92,8 +94,8 @@ def render_card(
     sections = [
         f"---\n{data.to_yaml()}\n---",
         f"# {name}",
-        "This model is a merge of pre-trained language models, found by Sparsity-Aware Evolution "
-        f"([SAE]({PAPER})) with [mergekit-sae](https://pypi.org/project/mergekit-sae/) on top of "
+        f"This model is a merge of pre-trained language models, found by {found_by} with "
+        "[mergekit-sae](https://pypi.org/project/mergekit-sae/) on top of "
         "[MergeKit](https://github.com/arcee-ai/mergekit).",
         "## Merged models\n\n" + "\n".join(f"- `{parent}`" for parent in parents),
     ]
@@ -115,5 +117,5 @@ def render_card(
 def write_card(out: str | Path, **card: Any) -> Path:
     """Write ``OUT/README.md`` (arguments as for :func:`render_card`); return its path."""
     path = Path(out) / CARD_FILE
-    write_atomic(path, render_card(**card))
+    write_text(path, render_card(**card))
     return path

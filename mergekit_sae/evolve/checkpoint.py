@@ -16,14 +16,13 @@ the new state is in place.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
+from mergekit_sae.atomic import clean_leftovers, current_umask, write_text  # noqa: F401
 from mergekit_sae.evolve.population import Member, StepRecord, TestResult
 
 STATE_VERSION = 1
@@ -78,30 +77,7 @@ def state_path(out: Path) -> Path:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write text to a temporary file beside ``path``, flush it, and rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~current_umask())
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    descriptor = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def current_umask() -> int:
-    """The process umask (read by setting and restoring it)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    write_text(path, text)
 
 
 def history_lines(state: RunState) -> str:
@@ -134,15 +110,9 @@ def load_state(out: Path) -> RunState | None:
 
 
 def remove_temporaries(out: Path) -> None:
-    """Delete temporary files and folders that an interrupted atomic write left behind."""
+    """Finish or undo interrupted atomic writes and delete the temporaries they left behind."""
     for folder in (out, work_dir(out), population_dir(out)):
-        if not folder.is_dir():
-            continue
-        for child in folder.iterdir():
-            if child.name.startswith(".tmp-") or (
-                child.name.startswith(".") and child.name.endswith(".tmp")
-            ):
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        clean_leftovers(folder)
 
 
 def remove_stale_members(out: Path, state: RunState, *, keep_members: bool = True) -> None:

@@ -32,27 +32,24 @@ def evolve(
     recipe: Path, out: Path, resume: bool, force: bool, stop_after: int | None, quiet: bool
 ) -> None:
     """Evolve a merge of the recipe's models into OUT (model, recipe, history, plots, card)."""
-    from mergekit_sae.evolve.recipe import RecipeError, load_recipe
-    from mergekit_sae.evolve.runner import OutputFolderError, run
+    from mergekit_sae.evolve.recipe import load_recipe
+    from mergekit_sae.evolve.runner import run
     from mergekit_sae.evolve.summary import summary
 
     if resume and force:
         raise click.UsageError("--resume and --force exclude each other")
     if quiet:
         silence_progress_bars()
-    try:
-        parsed = load_recipe(recipe)
-        state = run(
-            parsed,
-            out,
-            source=str(recipe),
-            resume=resume,
-            force=force,
-            progress=not quiet,
-            stop_after=stop_after,
-        )
-    except (RecipeError, OutputFolderError) as error:
-        raise click.ClickException(str(error)) from None
+    parsed = load_recipe(recipe)
+    state = run(
+        parsed,
+        out,
+        source=str(recipe),
+        resume=resume,
+        force=force,
+        progress=not quiet,
+        stop_after=stop_after,
+    )
     if quiet:
         return
     if state.finished:

@@ -3,23 +3,22 @@
 The best member (highest fitness on the last step's subsample) is scored on each task's test
 split, together with the reference models the recipe asks for (the dense parents, a linear
 50/50 merge streamed into the scoring model). Its weights, configuration and the first
-parent's tokenizer are copied into OUT/ through a temporary folder and per-file renames.
+parent's tokenizer replace the model files in OUT/ as one set (``atomic.replace_files``).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from mergekit_sae.atomic import replace_files
 from mergekit_sae.evolve.card import write_card
-from mergekit_sae.evolve.checkpoint import RunState, current_umask, save_state, work_dir
+from mergekit_sae.evolve.checkpoint import RunState, save_state
 from mergekit_sae.evolve.loop import RunContext, task_weights, test_items
-from mergekit_sae.evolve.merging import CONFIG_FILES, fsync_dir, stream_merge
+from mergekit_sae.evolve.merging import CONFIG_FILES, stream_merge
 from mergekit_sae.evolve.plots import write_plots
 from mergekit_sae.evolve.population import (
     Member,
@@ -46,7 +45,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-EVOLVED_LABEL = "SAE (evolved)"
 
 
 def best_member(ctx: RunContext, state: RunState) -> Member:
@@ -119,7 +117,7 @@ def report(ctx: RunContext, state: RunState, best: Member) -> list[TestResult]:
         rows.append(test_result(ctx, "linear 50/50", "baseline", "linear", linear, items))
         bar.update(1)
     ctx.evaluator.load(member_dir(best, ctx.out))
-    evolved = test_result(ctx, EVOLVED_LABEL, "evolved", best.id, best, items)
+    evolved = test_result(ctx, ctx.search.result_label, "evolved", best.id, best, items)
     best.test_scores = evolved.scores
     rows.append(evolved)
     bar.update(1)
@@ -138,34 +136,23 @@ def model_files(folder: Path) -> list[Path]:
 
 
 def write_model(best_dir: Path, tokenizer_dir: Path, out: Path) -> list[Path]:
-    """Copy the best model's weights, configuration and the tokenizer into OUT/, atomically."""
-    staging = work_dir(out) / ".tmp-final"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    """Replace the model files in OUT/ by the best model's and the tokenizer, as one set.
+
+    Model and tokenizer files of an earlier write that the new set lacks (other shards) go.
+    """
     sources = model_files(best_dir)
     sources += [tokenizer_dir / n for n in TOKENIZER_FILES if (tokenizer_dir / n).is_file()]
-    mode = 0o666 & ~current_umask()
-    for source in sources:
-        shutil.copyfile(source, staging / source.name)
-        os.chmod(staging / source.name, mode)
-    fsync_dir(staging)
-    written = []
-    for source in sources:
-        os.replace(staging / source.name, out / source.name)
-        written.append(out / source.name)
-    shutil.rmtree(staging, ignore_errors=True)
-    return written
+    old = [p.name for p in model_files(out)] if out.is_dir() else []
+    old += [n for n in TOKENIZER_FILES if (out / n).is_file()]
+    return replace_files(out, sources, remove=old)
 
 
 def card_settings(ctx: RunContext) -> dict[str, object]:
     """The search settings shown on the model card."""
     recipe = ctx.recipe
     return {
-        "population_size": recipe.population_size,
-        "steps": recipe.steps,
-        "schedule": recipe.schedule.model_dump(),
-        "fitness_sparsity_weight": recipe.fitness_sparsity_weight,
-        **recipe.merge.model_dump(),
+        **ctx.search.card_settings(),
+        "budget": recipe.budget,
         "seed": recipe.seed,
         "tasks": {t.name: {"subsample": t.subsample, "weight": t.weight} for t in recipe.tasks},
     }
@@ -189,7 +176,8 @@ def finish(ctx: RunContext, state: RunState) -> RunState:
         recipe=recipe_path.read_text(encoding="utf-8"),
         results=table,
         tasks=[task.name for task in ctx.recipe.tasks],
-        evolved=EVOLVED_LABEL,
+        evolved=ctx.search.result_label,
+        found_by=ctx.search.title,
         settings=card_settings(ctx),
     )
     state.seconds["write"] = time.perf_counter() - start

@@ -142,6 +142,8 @@ def merge_member(ctx: RunContext, state: RunState, member: Member, *, sink: bool
         else:
             inputs.append(Path(str(item.model)))
     base = ctx.base if member.merge.base_model is not None else None
+    if member.merge.base_member is not None:
+        base = member_dir(state.members[member.merge.base_member], ctx.out)
     outcome = stream_merge(
         member.merge,
         inputs,
@@ -150,7 +152,7 @@ def merge_member(ctx: RunContext, state: RunState, member: Member, *, sink: bool
         device=ctx.device,
         sink=ctx.evaluator.receive if sink else None,
         shard_size=ctx.shard_size,
-        stats_on_delta=base is not None,
+        stats_base=ctx.base if ctx.recipe.merge.prune_target == "delta" else None,
     )
     apply_stats(member, outcome.stats, ctx.recipe.merge.sparsity_measure)
     return outcome
@@ -344,8 +346,8 @@ def step_record(
         offspring=offspring,
         population_after=list(state.population),
         best=best.id,
-        best_fitness=float(best.fitness),
-        best_performance=float(best.performance),
+        best_fitness=best.fitness,
+        best_performance=best.performance,
         mean_fitness=sum(float(m.fitness) for m in living) / max(1, len(living)),
         mean_sparsity=sum(m.sparsity for m in living) / max(1, len(living)),
         info=notes,
@@ -399,7 +401,8 @@ def evolve(
             save_state(ctx.out, state)
             if on_checkpoint:
                 on_checkpoint(state)
-            bar.set_postfix(best=f"{record.best_fitness:.4f}")
+            if record.best_fitness is not None:
+                bar.set_postfix(best=f"{record.best_fitness:.4f}")
             bar.update((state.evaluations - done) if ctx.recipe.budget else 1)
             done = state.evaluations if ctx.recipe.budget else state.step
     return state

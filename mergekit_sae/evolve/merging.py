@@ -3,24 +3,28 @@
 Inputs are read with ``mergekit.io.LazyTensorLoader`` (one tensor resident per input), merged
 with ``mergekit.merge_methods.merge_tensors`` and the method named by a :class:`MergeRecord`,
 handed to an optional sink (the resident scoring model) and written as safetensors shards into
-a temporary directory that is renamed into place only when complete. Memory therefore stays at
+a temporary folder swapped into place only when complete (``mergekit_sae.atomic``). Memory stays at
 a few tensors whatever the model size; the written model is exactly what the same MergeKit
 stage produces.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from mergekit.io import LazyTensorLoader, ShardedTensorIndex, TensorWriter
 
+from mergekit_sae.atomic import atomic_dir, fsync_dir, publish_dir
+from mergekit_sae.dtypes import DTYPES, dtype_name, known_dtype_name, torch_dtype
+from mergekit_sae.errors import MergeInputError
+from mergekit_sae.evolve.per_tensor import resolve_parameters
 from mergekit_sae.evolve.population import MergeRecord
 from mergekit_sae.sparsity import EMPTY_STATS, SparsityStats, sparsity_stats
 
@@ -29,11 +33,8 @@ TensorSink = Callable[[str, torch.Tensor], None]
 # Files copied from a reference model so that a merged directory loads with transformers.
 CONFIG_FILES = ("config.json", "generation_config.json")
 DEFAULT_SHARD_SIZE = 5 * 1000**3
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class MergeInputError(ValueError):
-    """Raised when the models of a merge do not hold the same tensors with the same shapes."""
+_DTYPES = DTYPES  # the name earlier code imported
+__all__ = ["MergeInputError", "dtype_name", "fsync_dir", "publish_dir", "stream_merge"]
 
 
 @dataclass
@@ -42,18 +43,6 @@ class MergeOutcome:
 
     stats: SparsityStats = EMPTY_STATS
     seconds: dict[str, float] = field(default_factory=lambda: {"merge": 0.0, "write": 0.0})
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype for a recipe dtype name."""
-    if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The recipe name of a torch dtype."""
-    return next(name for name, value in _DTYPES.items() if value == dtype)
 
 
 def register_methods() -> None:
@@ -197,7 +186,7 @@ def stream_merge(
     device: str = "cpu",
     sink: TensorSink | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
-    stats_on_delta: bool = False,
+    stats_base: Path | None = None,
 ) -> MergeOutcome:
     """Merge ``inputs`` (in ``record.inputs`` order) tensor by tensor into ``out_dir``, atomically.
 
@@ -205,7 +194,7 @@ def stream_merge(
     Each merged tensor goes to ``sink`` (when given) before it is written. ``out_dir`` appears
     only once every shard and the configuration are written; an existing ``out_dir`` (left
     by an interrupted step) is replaced; ``out_dir`` None merges into the sink only. Sparsity
-    statistics are taken of the merged tensors, or of merged - base with ``stats_on_delta``.
+    statistics are taken of the merged tensors, or of merged - ``stats_base`` when given.
     """
     register_methods()
     if len(inputs) != len(record.inputs):
@@ -217,58 +206,52 @@ def stream_merge(
     names = tensor_names(loaders, paths)
     parameters = method_parameters(record, ids)
 
-    if stats_on_delta and base_index is None:
-        raise ValueError("statistics of the delta need a base model")
-    tmp_dir = out_dir.with_name(f".tmp-{out_dir.name}") if out_dir is not None else None
-    writer = None
-    if tmp_dir is not None:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        writer = TensorWriter(str(tmp_dir), max_shard_size=shard_size, safe_serialization=True)
+    reference = None
+    if stats_base is not None and stats_base != base:
+        reference = open_model(stats_base)
     outcome = MergeOutcome()
-    for name in names:
+    with _staged_output(out_dir) as tmp_dir:
+        writer = None
+        if tmp_dir is not None:
+            writer = TensorWriter(str(tmp_dir), max_shard_size=shard_size, safe_serialization=True)
+        for name in names:
+            start = time.perf_counter()
+            tensors = [loader.get_tensor(name, device=device) for loader in loaders]
+            check_shapes(name, tensors, paths)
+            merged = merge_tensor(
+                record, name, tensors, resolve_parameters(parameters, name), ids, base_index
+            )
+            if sink is not None:
+                sink(name, merged)
+            if merged.is_floating_point():
+                measured = merged
+                if stats_base is not None:
+                    origin = (
+                        tensors[base_index] if reference is None else reference.get_tensor(name)
+                    )
+                    measured = merged - origin.to(device=merged.device, dtype=merged.dtype)
+                outcome.stats = outcome.stats.merged(sparsity_stats(measured))
+            middle = time.perf_counter()
+            if writer is not None:
+                writer.save_tensor(name, merged.to("cpu"))
+            outcome.seconds["merge"] += middle - start
+            outcome.seconds["write"] += time.perf_counter() - middle
         start = time.perf_counter()
-        tensors = [loader.get_tensor(name, device=device) for loader in loaders]
-        check_shapes(name, tensors, paths)
-        merged = merge_tensor(record, name, tensors, parameters, ids, base_index)
-        if sink is not None:
-            sink(name, merged)
-        if merged.is_floating_point():
-            measured = merged - tensors[base_index].to(merged.dtype) if stats_on_delta else merged
-            outcome.stats = outcome.stats.merged(sparsity_stats(measured))
-        middle = time.perf_counter()
-        if writer is not None:
-            writer.save_tensor(name, merged.to("cpu"))
-        outcome.seconds["merge"] += middle - start
-        outcome.seconds["write"] += time.perf_counter() - middle
-    if writer is not None and out_dir is not None and tmp_dir is not None:
-        start = time.perf_counter()
-        writer.finalize()
-        copy_config(inputs[0], tmp_dir)
-        publish_dir(tmp_dir, out_dir)
-        outcome.seconds["write"] += time.perf_counter() - start
+        if writer is not None and tmp_dir is not None:
+            writer.finalize()
+            copy_config(inputs[0], tmp_dir)
+    outcome.seconds["write"] += time.perf_counter() - start
     return outcome
 
 
-def publish_dir(tmp_dir: Path, out_dir: Path) -> None:
-    """Move a completed temporary directory into place, replacing a stale one."""
-    fsync_dir(tmp_dir)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp_dir, out_dir)
-    fsync_dir(out_dir.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush every file of a directory and the directory entry itself to disk."""
-    for child in path.iterdir():
-        if child.is_file():
-            with open(child, "rb") as handle:
-                os.fsync(handle.fileno())
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+@contextlib.contextmanager
+def _staged_output(out_dir: Path | None) -> Iterator[Path | None]:
+    """A temporary folder swapped into ``out_dir`` on success (None when there is no output)."""
+    if out_dir is None:
+        yield None
+        return
+    with atomic_dir(out_dir) as staged:
+        yield staged
 
 
 def model_stats(path: Path, base: Path | None = None) -> SparsityStats:
@@ -293,4 +276,4 @@ def model_dtype(path: Path) -> str:
     config_path = path / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return name if name in _DTYPES else "float32"
+    return known_dtype_name(name)

@@ -6,14 +6,12 @@ so plotting works headless and in worker threads.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from mergekit_sae.evolve.checkpoint import current_umask
+from mergekit_sae.atomic import write_file
 from mergekit_sae.evolve.population import StepRecord
 
 HISTORY_FILE = "history.jsonl"
@@ -87,17 +85,7 @@ def plot_test_accuracy(results: Mapping[str, Mapping[str, float]]) -> Figure:
 
 def save_figure(figure: Figure, path: Path) -> Path:
     """Save a figure as PNG through a temporary file and a rename (no half-written image)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~current_umask())
-        figure.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_file(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
 
 
 def write_plots(

@@ -46,7 +46,9 @@ class MergeInput(BaseModel):
 class MergeRecord(BaseModel):
     """How a member was made: one MergeKit stage (method, inputs, base, shared parameters).
 
-    ``inputs`` are in the order they were given to ``merge_tensors``; ``base_model`` (a local
+    ``inputs`` are in the order they were given to ``merge_tensors``; ``base_member`` names a
+    member given as the method's base (M2N2's SLERP interpolates from its first parent);
+    otherwise ``base_model`` (a local
     path or Hub id of an original model, or None) is the base given to the method, when any;
     ``parameters`` are the shared parameters exactly as passed; ``dtype`` is the dtype the
     merge computed in and wrote (``float32``, ``bfloat16``, ...).
@@ -55,6 +57,7 @@ class MergeRecord(BaseModel):
     method: str
     inputs: list[MergeInput]
     base_model: str | None = None
+    base_member: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: str
 
@@ -143,8 +146,8 @@ class StepRecord(BaseModel):
     offspring: list[OffspringRecord]
     population_after: list[str]
     best: str
-    best_fitness: float
-    best_performance: float
+    best_fitness: float | None
+    best_performance: float | None
     mean_fitness: float
     mean_sparsity: float
     info: dict[str, Any] = Field(default_factory=dict)
@@ -252,7 +255,11 @@ def lineage(members: Mapping[str, Member], member: str) -> list[Member]:
             return
         seen.add(current)
         record = members[current]
-        merged_from = [item.member for item in record.merge.inputs] if record.merge else []
+        merged_from = (
+            [*(item.member for item in record.merge.inputs), record.merge.base_member]
+            if record.merge
+            else []
+        )
         for parent in [*record.inputs, *merged_from]:
             if parent is not None:
                 visit(parent)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from mergekit_sae.errors import PublishError
+
 # fnmatch patterns, matched as huggingface_hub matches them (``*`` spans ``/``):
 # every hidden file or folder, at the top level or below it (this covers .git and .cache too).
 EXCLUDE_PATTERNS: tuple[str, ...] = (".*", "*/.*")
@@ -28,9 +30,11 @@ class UploadFile:
 
 
 def check_publishable(folder: Path) -> None:
-    """Raise a ``click.ClickException`` naming what ``folder`` lacks to be a model with a card."""
+    """Raise a ``PublishError`` naming what ``folder`` lacks to be a model with a card."""
     if not folder.is_dir():
-        raise click.ClickException(f"{folder}: not a directory (expected an evolve output folder)")
+        raise PublishError(
+            f"{folder}: not a directory (expected an evolve output folder)", file=folder
+        )
     missing = []
     if not (folder / "config.json").is_file():
         missing.append("config.json (the model configuration)")
@@ -39,9 +43,10 @@ def check_publishable(folder: Path) -> None:
     if not (folder / "README.md").is_file():
         missing.append("README.md (the model card)")
     if missing:
-        raise click.ClickException(
+        raise PublishError(
             f"{folder} cannot be published, it lacks: {'; '.join(missing)}. "
-            "Run `mergekit-sae evolve RECIPE.yml OUT/` to completion first."
+            "Run `mergekit-sae evolve RECIPE.yml OUT/` to completion first.",
+            file=folder,
         )
 
 

@@ -11,14 +11,14 @@ that later stages use as a model path, and the final stage unnamed.
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mergekit_sae.evolve.checkpoint import write_atomic
+from mergekit_sae.atomic import atomic_dir, write_text
+from mergekit_sae.errors import RecipeError
 from mergekit_sae.evolve.population import Member, MergeInput, lineage
 
 RECIPE_FILE = "mergekit_config.yml"
@@ -99,7 +99,9 @@ def stage_config(
             entry["parameters"] = dict(item.parameters)
         models.append(entry)
     config: dict[str, Any] = {"merge_method": record.method, "models": models}
-    if record.base_model is not None:
+    if record.base_member is not None:
+        config["base_model"] = _input_reference(MergeInput(member=record.base_member), members)
+    elif record.base_model is not None:
         config["base_model"] = local_reference(record.base_model)
     if record.parameters:
         config["parameters"] = dict(record.parameters)
@@ -155,7 +157,7 @@ def validate_documents(documents: Sequence[Mapping[str, Any]]) -> None:
             MergeConfiguration.model_validate(body)
         except ValueError as error:
             label = document.get("name", "final stage")
-            raise ValueError(f"recipe document {index} ({label}) is invalid: {error}") from error
+            raise RecipeError(f"recipe document {index} ({label}) is invalid: {error}") from error
 
 
 def render_recipe(documents: Sequence[Mapping[str, Any]], file_name: str = RECIPE_FILE) -> str:
@@ -175,7 +177,7 @@ def write_recipe(members: Mapping[str, Member], best: str, out: str | Path) -> P
     documents = recipe_documents(members, best)
     validate_documents(documents)
     path = Path(out) / RECIPE_FILE
-    write_atomic(path, render_recipe(documents))
+    write_text(path, render_recipe(documents))
     return path
 
 
@@ -185,10 +187,22 @@ def load_stages(path: str | Path) -> list[dict[str, Any]]:
     try:
         documents = [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
     except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML: {error}") from error
+        raise RecipeError(f"{path}: not valid YAML: {error}", file=path) from error
     if not documents or not all(isinstance(doc, dict) for doc in documents):
-        raise ValueError(f"{path}: expected one or more YAML mappings (MergeKit configs)")
+        raise RecipeError(
+            f"{path}: expected one or more YAML mappings (MergeKit configs)", file=path
+        )
     return documents
+
+
+def validate_stage(document: Mapping[str, Any], source: str) -> Any:
+    """One MergeKit document as a ``MergeConfiguration``; RecipeError naming ``source``."""
+    from mergekit.config import MergeConfiguration
+
+    try:
+        return MergeConfiguration.model_validate(document)
+    except ValueError as error:
+        raise RecipeError(f"{source}: invalid recipe: {error}", file=source) from error
 
 
 def run_recipe(
@@ -202,25 +216,21 @@ def run_recipe(
 
     A multi-stage file runs like ``mergekit-multi``: named stages go to ``intermediate_dir``
     (default: ``<out_path>.stages`` beside the output; existing stages are reused) and the
-    unnamed last stage to ``out_path``. The output appears only once complete (merged into a
-    temporary folder beside it, then renamed over any previous one).
+    unnamed last stage to ``out_path``. The output is written once, through
+    ``mergekit_sae.atomic.atomic_dir`` (it replaces any previous one whole).
     """
-    from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    from mergekit_sae.evolve.merging import publish_dir
     from mergekit_sae.methods import register_all
+    from mergekit_sae.methods.run_guard import run_merge_atomic
 
     register_all()
     options = options or MergeOptions()
     documents = load_stages(path)
     out_path = Path(out_path).absolute()
-    tmp = out_path.with_name(f".tmp-{out_path.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
     if len(documents) == 1 and "name" not in documents[0]:
-        run_merge(MergeConfiguration.model_validate(documents[0]), str(tmp), options=options)
-        publish_dir(tmp, out_path)
+        run_merge_atomic(run_merge, validate_stage(documents[0], str(path)), str(out_path), options)
         return out_path
 
     from mergekit.graph import Executor
@@ -230,8 +240,8 @@ def run_recipe(
     stages.mkdir(parents=True, exist_ok=True)
     configs, dependencies = load_config(Path(path).read_text(), str(stages))
     if None not in configs:
-        raise ValueError(f"{path}: every stage is named; the final stage must have no 'name:'")
-    tasks = make_tasks(configs, dependencies, options, str(stages), str(tmp), lazy=True)
-    Executor(tasks, math_device="cpu", storage_device="cpu").execute(desc="Merging stages")
-    publish_dir(tmp, out_path)
+        raise RecipeError(f"{path}: every stage is named; the final stage must have no 'name:'")
+    with atomic_dir(out_path) as staged:
+        tasks = make_tasks(configs, dependencies, options, str(stages), str(staged), lazy=True)
+        Executor(tasks, math_device="cpu", storage_device="cpu").execute(desc="Merging stages")
     return out_path

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mergekit_sae.errors import OutputFolderError
 from mergekit_sae.evolve.checkpoint import (
     RunState,
     load_state,
@@ -33,10 +34,6 @@ RESUMABLE_CHANGES = (
     "keep_population",
     "test_baselines",
 )
-
-
-class OutputFolderError(RuntimeError):
-    """The output folder cannot be used as asked (in use, or not a run to resume)."""
 
 
 @dataclass

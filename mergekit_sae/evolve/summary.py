@@ -49,9 +49,10 @@ def summary(state: RunState, tasks: Sequence[str]) -> str:
     best = state.members[state.best] if state.best else None
     lines = []
     if best is not None:
+        fitness = "not scored on train" if best.fitness is None else f"{best.fitness:.4f}"
         lines.append(
             f"best member {best.id} ({best.origin}, born at step {best.born}): "
-            f"fitness {best.fitness:.4f}, zeros {100 * best.zero_fraction:.1f}%"
+            f"fitness {fitness}, zeros {100 * best.zero_fraction:.1f}%"
         )
     if state.results:
         lines += ["", "test accuracy (%)", results_table(state.results, tasks)]

@@ -5,10 +5,17 @@ from __future__ import annotations
 from mergekit import merge_methods
 from mergekit.merge_methods import MergeMethod
 
+from mergekit_sae.methods.dare_seeded import dare_seeded_merge
 from mergekit_sae.methods.sae_evolve import sae_evolve_merge
 from mergekit_sae.methods.sae_prune import sae_prune_merge
+from mergekit_sae.methods.scf_rkl import scf_rkl_merge
 
-METHODS: tuple[MergeMethod, ...] = (sae_evolve_merge, sae_prune_merge)
+METHODS: tuple[MergeMethod, ...] = (
+    sae_evolve_merge,
+    sae_prune_merge,
+    scf_rkl_merge,
+    dare_seeded_merge,
+)
 METHOD_NAMES: frozenset[str] = frozenset(method.spec.name for method in METHODS)
 
 

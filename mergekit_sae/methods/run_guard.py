@@ -2,27 +2,45 @@
 
 MergeKit ignores unknown recipe parameters and writes into the output directory as it goes, so
 a failed run leaves a partial model behind. For recipes whose `merge_method` is one of ours,
-`guard_module` makes `mergekit.merge.run_merge` reject unknown or misplaced parameters first
-and write into a staging directory beside the output that is renamed into place on success.
+`guard_module` makes `mergekit.merge.run_merge` reject unknown, misplaced or out-of-domain
+parameters first (naming where in the recipe) and write through `mergekit_sae.atomic.atomic_dir`
+(a staging folder swapped into place on success). What the guard assumes of MergeKit (the
+`run_merge` argument names, the recipe fields that hold `parameters`, that the output is the
+folder at `out_path`) is checked against the installed MergeKit by tests/test_method_hook.py;
+a folder missing after `run_merge` raises instead of passing silently.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import functools
-import os
-import shutil
-import tempfile
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from mergekit.config import MergeConfiguration
+from mergekit.config import ConditionalParameter, MergeConfiguration
 from mergekit.merge_methods import MergeMethodSpec, ParameterScope, get
 
+from mergekit_sae.atomic import atomic_dir
+from mergekit_sae.domains import domain_problem
+from mergekit_sae.errors import RecipeError
 from mergekit_sae.methods import METHOD_NAMES
 
 _GUARD_FLAG = "_mergekit_sae_guarded"
+# run_merge's arguments the guard reads (by name) and replaces (out_path)
+RUN_MERGE_ARGUMENTS = ("merge_config", "out_path")
+# where a MergeConfiguration holds `parameters` blocks; [] a list, {} a mapping (kept in step
+# with the installed MergeKit by a test)
+WALKED_PARAMETERS = (
+    "parameters",
+    "models[].parameters",
+    "slices[].parameters",
+    "slices[].sources[].parameters",
+    "modules{}.parameters",
+    "modules{}.models[].parameters",
+    "modules{}.slices[].parameters",
+    "modules{}.slices[].sources[].parameters",
+)
 
 
 Block = tuple[str, bool, Mapping]  # (where in the recipe, is per-model, parameters)
@@ -68,94 +86,104 @@ def _ignored_base_parameters(config: MergeConfiguration, spec: MergeMethodSpec) 
     return problems
 
 
+def _setting_values(setting: Any) -> Iterator[Any]:
+    """The plain values a setting can resolve to: itself, a gradient's points, each filter's."""
+    if isinstance(setting, ConditionalParameter):
+        yield from _setting_values(setting.value)
+    elif isinstance(setting, list):
+        for item in setting:
+            yield from _setting_values(item)
+    elif setting is not None:
+        yield setting
+
+
+def _block_problems(
+    location: str, is_per_model: bool, parameters: Mapping, spec: MergeMethodSpec
+) -> list[str]:
+    """What is wrong in one parameters block: unknown, misplaced or out-of-domain values."""
+    shared = {p.name: p for p in spec.shared_parameters}
+    per_model = {p.name: p for p in spec.input_parameters}
+    problems = []
+    for name, setting in parameters.items():
+        if is_per_model and name in shared:
+            problems.append(
+                f"{location}: `{name}` is shared by all models; set it in a `parameters` "
+                "block outside the model list"
+            )
+        elif name not in shared | per_model:
+            close = difflib.get_close_matches(name, sorted(shared | per_model), n=1)
+            hint = f" (did you mean `{close[0]}`?)" if close else ""
+            problems.append(f"{location}: unknown parameter `{name}`{hint}")
+        else:
+            domain = (shared | per_model)[name].value_type
+            found = (domain_problem(domain, value, name) for value in _setting_values(setting))
+            problems += [f"{location}: {problem}" for problem in found if problem]
+    return problems
+
+
 def check_recipe_parameters(config: MergeConfiguration) -> None:
-    """Raise ValueError for parameters the recipe's method does not know or would ignore there."""
+    """Raise RecipeError for parameters the recipe's method does not know, would ignore there,
+    or that lie outside the domain its kernel declares."""
     spec = get(config.merge_method).spec
     shared = {p.name for p in spec.shared_parameters}
     per_model = {p.name for p in spec.input_parameters}
     problems = []
     for location, is_per_model, parameters in _parameter_blocks(config):
-        for name in parameters:
-            if is_per_model and name in shared:
-                problems.append(
-                    f"{location}: `{name}` is shared by all models; set it in a `parameters` "
-                    "block outside the model list"
-                )
-            elif name not in shared | per_model:
-                close = difflib.get_close_matches(name, sorted(shared | per_model), n=1)
-                hint = f" (did you mean `{close[0]}`?)" if close else ""
-                problems.append(f"{location}: unknown parameter `{name}`{hint}")
+        problems += _block_problems(location, is_per_model, parameters, spec)
     problems += _ignored_base_parameters(config, spec)
     if problems:
         known = ", ".join(sorted(shared | per_model))
-        raise ValueError(
-            f"recipe parameters not understood by {config.merge_method} (known: {known}):\n  "
+        raise RecipeError(
+            f"recipe parameters rejected by {config.merge_method} (known: {known}):\n  "
             + "\n  ".join(problems)
         )
 
 
-def _first_missing_ancestor(path: str) -> str | None:
-    """The outermost directory of `path` that does not exist yet, if any."""
-    missing = None
-    while path and not os.path.exists(path):
-        missing, parent = path, os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return missing
+def run_merge_atomic(
+    run_merge: Callable[..., Any], merge_config: MergeConfiguration, out_path: str, *args, **kwargs
+) -> None:
+    """Run MergeKit's ``run_merge`` into a staging folder swapped into ``out_path`` on success.
 
-
-def _publish(staged: str, out_path: str) -> None:
-    """Move a finished staging directory to `out_path` (merging into an existing directory)."""
-    if not os.path.exists(staged):
-        return
-    if not os.path.exists(out_path):
-        os.rename(staged, out_path)
-        return
-    for entry in os.listdir(staged):
-        destination = os.path.join(out_path, entry)
-        if os.path.isdir(destination) and not os.path.islink(destination):
-            shutil.rmtree(destination)
-        os.replace(os.path.join(staged, entry), destination)
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out_path: str | os.PathLike) -> Iterator[str]:
-    """Yield a staging directory with the same basename; publish it on success, else remove it.
-
-    Nothing appears at `out_path` (nor any parent directory created for it) when the body
-    raises. An existing `out_path` directory receives the new files only after success.
+    Raises OutputMissingError when MergeKit leaves no folder at the path it was given (its
+    ``post_fill_parameters`` branch writes a sibling folder and deletes that path).
     """
-    out_path = os.path.abspath(os.fspath(out_path))
-    if os.path.exists(out_path) and not os.path.isdir(out_path):
-        raise FileExistsError(f"output path {out_path} exists and is not a directory")
-    parent = os.path.dirname(out_path)
-    created = _first_missing_ancestor(parent)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(
-        prefix=f".{os.path.basename(out_path)}.", suffix=".partial", dir=parent
-    )
-    try:
-        yield os.path.join(staging, os.path.basename(out_path))
-        _publish(os.path.join(staging, os.path.basename(out_path)), out_path)
-    except BaseException:
-        shutil.rmtree(created or staging, ignore_errors=True)
-        raise
-    shutil.rmtree(staging, ignore_errors=True)
+    run_merge = inspect.unwrap(run_merge)  # never stage twice through a guarded run_merge
+    if merge_config.merge_method in METHOD_NAMES:
+        check_recipe_parameters(merge_config)
+    with atomic_dir(out_path) as staged:
+        run_merge(merge_config, str(staged), *args, **kwargs)
+
+
+def _bind(signature: inspect.Signature, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    """Bind a run_merge call to MergeKit's signature (the names the guard relies on)."""
+    bound = signature.bind(*args, **kwargs)
+    missing = [name for name in RUN_MERGE_ARGUMENTS if name not in bound.arguments]
+    if missing:
+        raise TypeError(f"run_merge called without {', '.join(missing)}")
+    return bound
 
 
 def guarded_run_merge(original: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap run_merge: recipes using our methods are checked first and written atomically."""
+    """Wrap run_merge: recipes using our methods are checked first and written atomically.
+
+    Other recipes go to the original untouched. Raises TypeError now when the original's
+    signature lacks the arguments the guard needs, so a MergeKit change fails loudly.
+    """
     if getattr(original, _GUARD_FLAG, False):
         return original
+    signature = inspect.signature(original)
+    absent = [name for name in RUN_MERGE_ARGUMENTS if name not in signature.parameters]
+    if absent:
+        raise TypeError(f"mergekit.merge.run_merge{signature} has no {', '.join(absent)}")
 
     @functools.wraps(original)
-    def run_merge(merge_config, out_path, options, config_source=None, *args, **kwargs):
-        if merge_config.merge_method not in METHOD_NAMES:
-            return original(merge_config, out_path, options, config_source, *args, **kwargs)
-        check_recipe_parameters(merge_config)
-        with atomic_output_dir(out_path) as staged:
-            return original(merge_config, staged, options, config_source, *args, **kwargs)
+    def run_merge(*args, **kwargs):
+        bound = _bind(signature, args, kwargs)
+        if bound.arguments["merge_config"].merge_method not in METHOD_NAMES:
+            return original(*args, **kwargs)
+        rest = {k: v for k, v in bound.arguments.items() if k not in RUN_MERGE_ARGUMENTS}
+        config, out_path = (bound.arguments[name] for name in RUN_MERGE_ARGUMENTS)
+        return run_merge_atomic(original, config, out_path, **rest)
 
     setattr(run_merge, _GUARD_FLAG, True)
     return run_merge

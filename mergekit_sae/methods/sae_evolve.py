@@ -20,17 +20,24 @@ from mergekit.merge_methods import PerNonBase, TensorGroup, merge_method
 from mergekit.merge_methods.base import BasePolicy, InputContract
 from torch import Tensor
 
-from mergekit_sae.sparsity import SPARSITY_MEASURES, prune, sparsity
+from mergekit_sae.domains import (
+    Density,
+    Fraction,
+    NonNegative,
+    PruneTarget,
+    Redense,
+    Score,
+    SparsityMeasure,
+    SparsityScope,
+    check_domain,
+    choices,
+)
+from mergekit_sae.errors import MergeInputError
+from mergekit_sae.sparsity import prune, sparsity
 
-SPARSITY_SCOPES = ("local", "global")
-PRUNE_TARGETS = ("weights", "delta")
-REDENSE_MODES = ("parents", "original")
-
-
-def _choice(value: str, allowed: Sequence[str], field: str, name: str) -> None:
-    """Reject a string option outside its allowed values, naming the field and tensor."""
-    if value not in allowed:
-        raise ValueError(f"{name}: unknown {field} {value!r}; expected one of {', '.join(allowed)}")
+SPARSITY_SCOPES = choices(SparsityScope)
+PRUNE_TARGETS = choices(PruneTarget)
+REDENSE_MODES = choices(Redense)
 
 
 def _label(input_id: object) -> str:
@@ -77,14 +84,16 @@ def _check_tensors(tensors: Sequence[Tensor], labels: Sequence[str], name: str) 
         described = ", ".join(
             f"{label}: {shape}" for label, shape in zip(labels, shapes, strict=True)
         )
-        raise ValueError(f"{name}: shape mismatch between models ({described})")
+        raise MergeInputError(f"{name}: shape mismatch between models ({described})", tensor=name)
     for label, tensor in zip(labels, tensors, strict=True):
         if not tensor.is_floating_point():
             raise TypeError(f"{name}: {label} is {tensor.dtype}, not a floating-point tensor")
         if not bool(torch.isfinite(tensor).all()):
             n_nan = int(torch.isnan(tensor).sum())
             n_inf = int(torch.isinf(tensor).sum())
-            raise ValueError(f"{name}: {label} contains {n_nan} NaN and {n_inf} Inf values")
+            raise MergeInputError(
+                f"{name}: {label} contains {n_nan} NaN and {n_inf} Inf values", tensor=name
+            )
 
 
 def _per_model(values: Sequence | None, count: int, field: str, name: str) -> list | None:
@@ -108,16 +117,77 @@ def _validate_options(
     labels: Sequence[str],
     name: str,
 ) -> None:
-    """Check the string options and densities before any tensor work."""
-    _choice(sparsity_measure, SPARSITY_MEASURES, "sparsity_measure", name)
-    _choice(sparsity_scope, SPARSITY_SCOPES, "sparsity_scope", name)
-    _choice(prune_target, PRUNE_TARGETS, "prune_target", name)
-    _choice(redense, REDENSE_MODES, "redense", name)
+    """Check the options and densities against their declared domains before any tensor work."""
+    for alias, value, field in (
+        (SparsityMeasure, sparsity_measure, "sparsity_measure"),
+        (SparsityScope, sparsity_scope, "sparsity_scope"),
+        (PruneTarget, prune_target, "prune_target"),
+        (Redense, redense, "redense"),
+        (Density, offspring_density, "offspring_density"),
+    ):
+        check_domain(alias, value, field, name)
     for label, density in zip(labels, densities, strict=True):
-        if not 0.0 < density <= 1.0:
-            raise ValueError(f"{name}: density of {label} must be in (0, 1], got {density}")
-    if not 0.0 < offspring_density <= 1.0:
-        raise ValueError(f"{name}: offspring_density must be in (0, 1], got {offspring_density}")
+        check_domain(Density, density, f"density of {label}", name)
+
+
+def _check_needs(
+    prune_target: str, base: Tensor | None, redense: str, reference: Tensor | None, name: str
+) -> None:
+    """Delta pruning needs a base; re-densing from the original needs a dense reference."""
+    if prune_target == "delta" and base is None:
+        raise ValueError(f"{name}: prune_target 'delta' needs a base_model")
+    if redense == "original" and reference is None:
+        raise ValueError(
+            f"{name}: redense 'original' needs a dense reference; "
+            "mark a model with `dense_reference: true`"
+        )
+
+
+def _global_rhos(
+    scope: str, values: Sequence[float | None] | None, labels: Sequence[str], name: str
+) -> list[float] | None:
+    """The given per-model global sparsity for scope 'global' (None for scope 'local')."""
+    if scope != "global":
+        return None
+    rhos = _per_model(values, len(labels), "global_sparsity", name) or [None] * len(labels)
+    missing = [label for label, rho in zip(labels, rhos, strict=True) if rho is None]
+    if missing:
+        raise ValueError(
+            f"{name}: sparsity_scope 'global' needs each model's `global_sparsity` "
+            f"(missing for {', '.join(missing)}); pass it per model, or run the recipe with "
+            "`mergekit-sae merge`, which computes it"
+        )
+    for label, rho in zip(labels, rhos, strict=True):
+        check_domain(Fraction, rho, f"global_sparsity of {label}", name)
+    return rhos
+
+
+def _mixing_weights(
+    scores: Sequence[float],
+    rhos: Sequence[float],
+    sparsity_weight: float,
+    labels: Sequence[str],
+    name: str,
+) -> list[float]:
+    """Eq. 5 weights, with the tensor's name in front of any error."""
+    try:
+        return sae_mixing_weights(scores, rhos, sparsity_weight, labels=labels)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from error
+
+
+def _task_part(tensor: Tensor, dtype: torch.dtype, origin: Tensor | None) -> Tensor:
+    """A parent in the compute dtype, as a task vector (minus ``origin``) when one is given."""
+    part = tensor.to(dtype)
+    return part - origin if origin is not None else part
+
+
+def _promoted_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    """The dtype all inputs promote to (the dtype of the result)."""
+    dtype = tensors[0].dtype
+    for tensor in tensors[1:]:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
 
 
 def _attraction_mix(parts: Sequence[Tensor], weights: Sequence[float], renormalize: bool) -> Tensor:
@@ -174,61 +244,28 @@ def sae_merge(
         labels=labels,
         name=name,
     )
-    try:  # scores and the sparsity weight, before any tensor work
-        sae_mixing_weights(scores, [0.0] * count, sparsity_weight, labels=labels)
-    except ValueError as error:
-        raise ValueError(f"{name}: {error}") from error
-    if prune_target == "delta" and base is None:
-        raise ValueError(f"{name}: prune_target 'delta' needs a base_model")
-    if redense == "original" and dense_reference is None:
-        raise ValueError(
-            f"{name}: redense 'original' needs a dense reference; "
-            "mark a model with `dense_reference: true`"
-        )
-    rhos = None
-    if sparsity_scope == "global":
-        rhos = _per_model(global_sparsity, count, "global_sparsity", name)
-        missing = [
-            label for label, rho in zip(labels, rhos or [None] * count, strict=True) if rho is None
-        ]
-        if missing:
-            raise ValueError(
-                f"{name}: sparsity_scope 'global' needs each model's `global_sparsity` "
-                f"(missing for {', '.join(missing)}); pass it per model, or run the recipe with "
-                "`mergekit-sae merge`, which computes it"
-            )
+    _mixing_weights(scores, [0.0] * count, sparsity_weight, labels, name)  # before tensor work
+    _check_needs(prune_target, base, redense, dense_reference, name)
+    rhos = _global_rhos(sparsity_scope, global_sparsity, labels, name)
+    extras = {"base_model": base, "dense reference": dense_reference}
+    extras = {label: tensor for label, tensor in extras.items() if tensor is not None}
+    _check_tensors([*tensors, *extras.values()], [*labels, *extras], name)
 
-    extras = [("base_model", base), ("dense reference", dense_reference)]
-    extras = [(label, t) for label, t in extras if t is not None]
-    _check_tensors(list(tensors) + [t for _, t in extras], labels + [lb for lb, _ in extras], name)
-
-    out_dtype = tensors[0].dtype
-    for tensor in tensors[1:]:
-        out_dtype = torch.promote_types(out_dtype, tensor.dtype)
-    dtype = _compute_dtype(list(tensors) + [t for _, t in extras])
+    dtype = _compute_dtype([*tensors, *extras.values()])
     origin = base.to(dtype) if prune_target == "delta" else None
-
-    parts = []
-    for tensor, density in zip(tensors, densities, strict=True):
-        part = tensor.to(dtype)
-        part = part - origin if origin is not None else part
-        parts.append(prune(part, density))
+    parts = [
+        prune(_task_part(t, dtype, origin), d) for t, d in zip(tensors, densities, strict=True)
+    ]
     if rhos is None:
         rhos = [sparsity(part, sparsity_measure) for part in parts]
-    try:
-        weights = sae_mixing_weights(scores, rhos, sparsity_weight, labels=labels)
-    except ValueError as error:
-        raise ValueError(f"{name}: {error}") from error
-
+    weights = _mixing_weights(scores, rhos, sparsity_weight, labels, name)
     if redense == "original":
-        reference = dense_reference.to(dtype)
-        reference = reference - origin if origin is not None else reference
+        reference = _task_part(dense_reference, dtype, origin)
         parts = [torch.where(part == 0, reference, part) for part in parts]
-
     merged = prune(_attraction_mix(parts, weights, renormalize), offspring_density)
     if origin is not None:
         merged = merged.add_(origin)
-    return merged.to(out_dtype)
+    return merged.to(_promoted_dtype(tensors))
 
 
 @merge_method(
@@ -239,17 +276,17 @@ def sae_merge(
 )
 def sae_evolve_merge(
     group: TensorGroup,
-    score: PerNonBase[float | None] = None,
-    density: PerNonBase[float] = 1.0,
-    global_sparsity: PerNonBase[float | None] = None,
+    score: PerNonBase[Score | None] = None,
+    density: PerNonBase[Density] = 1.0,
+    global_sparsity: PerNonBase[Fraction | None] = None,
     dense_reference: PerNonBase[bool] = False,
-    sparsity_weight: float = 0.0,
-    sparsity_measure: str = "zero_count",
-    sparsity_scope: str = "local",
+    sparsity_weight: NonNegative = 0.0,
+    sparsity_measure: SparsityMeasure = "zero_count",
+    sparsity_scope: SparsityScope = "local",
     renormalize: bool = True,
-    prune_target: str = "weights",
-    offspring_density: float = 1.0,
-    redense: str = "parents",
+    prune_target: PruneTarget = "weights",
+    offspring_density: Density = 1.0,
+    redense: Redense = "parents",
 ) -> Tensor:
     """MergeKit adapter: split the group into parents, base and dense references for sae_merge."""
     name = group.metadata.name or "tensor"

@@ -6,7 +6,8 @@ from mergekit.merge_methods import PerNonBase, TensorGroup, merge_method
 from mergekit.merge_methods.base import BasePolicy, InputContract
 from torch import Tensor
 
-from mergekit_sae.methods.sae_evolve import PRUNE_TARGETS, _check_tensors, _compute_dtype
+from mergekit_sae.domains import Density, PruneTarget, check_domain
+from mergekit_sae.methods.sae_evolve import _check_tensors, _compute_dtype
 from mergekit_sae.sparsity import prune
 
 
@@ -19,13 +20,8 @@ def sae_prune_tensor(
     name: str = "tensor",
 ) -> Tensor:
     """Prune one tensor's weights, or its delta from `base`, in float32 (float64 stays float64)."""
-    if prune_target not in PRUNE_TARGETS:
-        raise ValueError(
-            f"{name}: unknown prune_target {prune_target!r}; expected one of "
-            f"{', '.join(PRUNE_TARGETS)}"
-        )
-    if not 0.0 < density <= 1.0:
-        raise ValueError(f"{name}: density must be in (0, 1], got {density}")
+    check_domain(PruneTarget, prune_target, "prune_target", name)
+    check_domain(Density, density, "density", name)
     if prune_target == "delta" and base is None:
         raise ValueError(f"{name}: prune_target 'delta' needs a base_model")
     inputs = [tensor] if prune_target == "weights" else [tensor, base]
@@ -43,8 +39,8 @@ def sae_prune_tensor(
 )
 def sae_prune_merge(
     group: TensorGroup,
-    density: PerNonBase[float] = 1.0,
-    prune_target: str = "weights",
+    density: PerNonBase[Density] = 1.0,
+    prune_target: PruneTarget = "weights",
 ) -> Tensor:
     """MergeKit adapter: prune the single non-base model at its density."""
     (entry,) = group.non_base

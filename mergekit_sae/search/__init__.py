@@ -18,6 +18,7 @@ SEARCHES: dict[str, str] = {
     "pso": "mergekit_sae.search.pso:PsoSearch",
     "m2n2": "mergekit_sae.search.m2n2:M2n2Search",
     "cmaes": "mergekit_sae.search.cmaes:CmaesSearch",
+    "oneshot": "mergekit_sae.search.oneshot:OneShotSearch",
 }
 
 

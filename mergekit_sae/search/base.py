@@ -120,6 +120,7 @@ class Search(ABC):
     """
 
     name: ClassVar[str]
+    title: ClassVar[str]  # how reports and model cards name it, with a link to its paper
     settings_model: ClassVar[type[SearchSettings]]
     state_model: ClassVar[type[BaseModel]]
 
@@ -137,6 +138,15 @@ class Search(ABC):
     def check_recipe(cls, recipe: Any, settings: SearchSettings) -> None:
         """Raise ValueError when the recipe cannot run this search (checked at validation)."""
         return None
+
+    @property
+    def result_label(self) -> str:
+        """The row label of the search's answer in the test report."""
+        return f"{self.name} (best)"
+
+    def card_settings(self) -> dict[str, Any]:
+        """The settings shown on the model card: the search's own block."""
+        return {"search": self.name, **self.settings.model_dump(mode="json")}
 
     @property
     def resample(self) -> bool:

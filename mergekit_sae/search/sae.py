@@ -151,6 +151,7 @@ class SaeSearch(Search):
     """The paper's search: pair, merge with sparsity-aware weights, prune, replace the worst."""
 
     name = "sae"
+    title = "Sparsity-Aware Evolution ([SAE](https://arxiv.org/abs/2602.08218))"
     settings_model = SaeSettings
     state_model = SaeState
     settings: SaeSettings
@@ -252,6 +253,24 @@ class SaeSearch(Search):
         values = [f + beta * m.sparsity for f, m in zip(shared, candidates, strict=True)]
         slot = worst_index(values[:-1])
         return slot if values[-1] > values[slot] else None
+
+    @property
+    def result_label(self) -> str:
+        """The evolved model's row label."""
+        return "SAE (evolved)"
+
+    def card_settings(self) -> dict[str, Any]:
+        """Population, schedule, fitness and merge settings, and SAE's own block."""
+        recipe = self.recipe
+        return {
+            "search": self.name,
+            "population_size": recipe.population_size,
+            "steps": recipe.steps,
+            "schedule": recipe.schedule.model_dump(),
+            "fitness_sparsity_weight": recipe.fitness_sparsity_weight,
+            **recipe.merge.model_dump(),
+            **self.settings.model_dump(mode="json"),
+        }
 
     def keep(self) -> list[str]:
         """The living population."""

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -12,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from mergekit_sae.atomic import atomic_dir
+from mergekit_sae.errors import TestbedError
 from mergekit_sae.testbed.config import TestbedConfig
 from mergekit_sae.testbed.data import TASKS, make_data, task_file, task_specs, write_data
 from mergekit_sae.testbed.merges import STATIC_MERGES, static_merge
@@ -22,12 +22,6 @@ MODELS = ("base", "math", "multilingual")
 REPORT = "report.json"
 # Bumped whenever the builder's code changes what a config produces (part of the cache key).
 BUILDER_VERSION = 2
-
-
-class TestbedError(RuntimeError):
-    """A testbed folder cannot be built, reused or read as asked."""
-
-    __test__ = False  # not a pytest class
 
 
 def cache_key(config: TestbedConfig) -> str:
@@ -92,26 +86,9 @@ def build_testbed(
             f"{out} exists and was not built with these settings; pass --force to replace it "
             "or choose another --out"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        report = _build_into(work, config, say)
-        _replace(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return report
-
-
-def _replace(work: Path, out: Path) -> None:
-    """Move the finished `work` folder to `out`, replacing an old testbed there."""
-    if not out.exists():
-        work.rename(out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-    out.rename(old / out.name)
-    work.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(out) as work:
+        work.mkdir()
+        return _build_into(work, config, say)
 
 
 def _build_into(work: Path, config: TestbedConfig, say) -> dict:

@@ -41,20 +41,14 @@ def build(
     quiet: bool,
 ) -> None:
     """Build the testbed into OUT (reused when already built with the same settings)."""
-    from mergekit_sae.testbed.build import TestbedError, build_testbed
+    from mergekit_sae.testbed.build import build_testbed
     from mergekit_sae.testbed.config import load_config
     from mergekit_sae.testbed.quality import format_table
 
     overrides = {k: v for k, v in (("seed", seed), ("threads", threads)) if v is not None}
-    try:
-        config = load_config(config_file, **overrides)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from e
+    config = load_config(config_file, **overrides)
     log = None if quiet else (lambda message: click.echo(message, err=True))
-    try:
-        report = build_testbed(out, config, force=force, log=log)
-    except TestbedError as e:
-        raise click.ClickException(str(e)) from e
+    report = build_testbed(out, config, force=force, log=log)
     click.echo(format_table(report["accuracy"], report["quality_checks"]))
     click.echo(f"testbed: {out} (its build took {report['seconds']['total']} s)")
 
@@ -63,13 +57,10 @@ def build(
 @click.argument("root", type=click.Path(path_type=Path), default=Path("testbed"))
 def info(root: Path) -> None:
     """Show what the testbed at ROOT holds: models, task files and its quality table."""
-    from mergekit_sae.testbed.build import TestbedError, load_report
+    from mergekit_sae.testbed.build import load_report
     from mergekit_sae.testbed.quality import format_table
 
-    try:
-        report = load_report(root)
-    except TestbedError as e:
-        raise click.ClickException(str(e)) from e
+    report = load_report(root)
     config = report["config"]
     click.echo(
         f"testbed {root.absolute()} (seed {config['seed']}, "

@@ -9,6 +9,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mergekit_sae.errors import ConfigError
+
 
 class StageConfig(BaseModel):
     """One training stage: AdamW with linear warmup and cosine decay."""
@@ -120,11 +122,13 @@ def load_config(path: str | Path | None = None, **overrides) -> TestbedConfig:
         try:
             fields = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError) as e:
-            raise ValueError(f"cannot read testbed config {path}: {e}") from e
+            raise ConfigError(f"cannot read testbed config {path}: {e}", file=path) from e
         if not isinstance(fields, dict):
-            raise ValueError(f"testbed config {path} must be a mapping of TestbedConfig fields")
+            raise ConfigError(
+                f"testbed config {path} must be a mapping of TestbedConfig fields", file=path
+            )
     try:
         return TestbedConfig.model_validate({**fields, **overrides})
     except ValidationError as e:
         where = f"testbed config {path}" if path is not None else "testbed config"
-        raise ValueError(f"{where} is invalid:\n{e}") from e
+        raise ConfigError(f"{where} is invalid:\n{e}", file=path) from e

@@ -1,4 +1,4 @@
-"""Token-level helpers shared by the evaluators: encoding and left padding with positions."""
+"""The forward pass the evaluators share: encoding, left padding with positions, cached steps."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""``mergekit-sae compare``: searches and one-shot merges at equal evaluations, over seeds."""

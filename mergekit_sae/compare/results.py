@@ -1,0 +1,221 @@
+"""The comparison's outputs: one row per run, ``results.csv``, ``results.md`` and the plot.
+
+``results.md`` is shaped like the paper's Table 1 (per-task test accuracy and the mean,
+mean +- std over seeds) and adds a paired comparison of SAE against every other method:
+the per-seed difference of the test mean, wins, and a paired t-test where it is defined.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from mergekit_sae.atomic import write_file, write_text
+from mergekit_sae.evolve.checkpoint import RunState
+
+REFERENCE = "sae"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One finished run: test accuracy per task, mean, zeros, evaluations, wall time."""
+
+    method: str
+    seed: int
+    scores: dict[str, float]
+    mean: float
+    zeros: float
+    evaluations: int
+    wall_s: float
+
+
+def run_row(method: str, seed: int, state: RunState, wall_s: float) -> Row:
+    """The row of a finished run, from its final report (the search's answer)."""
+    final = next(r for r in state.results if r.kind == "evolved")
+    return Row(
+        method=method,
+        seed=seed,
+        scores=dict(final.scores),
+        mean=final.mean,
+        zeros=final.zero_fraction,
+        evaluations=state.evaluations,
+        wall_s=wall_s,
+    )
+
+
+def csv_text(rows: Sequence[Row], tasks: Sequence[str]) -> str:
+    """``results.csv``: method, seed, each task, mean, zeros, evaluations, wall_s."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["method", "seed", *tasks, "mean", "zeros", "evaluations", "wall_s"])
+    for row in rows:
+        writer.writerow(
+            [
+                row.method,
+                row.seed,
+                *(f"{row.scores[t]:.6f}" for t in tasks),
+                f"{row.mean:.6f}",
+                f"{row.zeros:.6f}",
+                row.evaluations,
+                f"{row.wall_s:.1f}",
+            ]
+        )
+    return buffer.getvalue()
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """The rows of a ``results.csv`` as dictionaries."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def mean_std(values: Sequence[float]) -> str:
+    """``mean +- std`` in percent (std over seeds; a single seed has none)."""
+    mean = 100 * statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.1f}"
+    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def by_method(rows: Sequence[Row]) -> dict[str, list[Row]]:
+    """Rows grouped by method, in first-seen order, each group sorted by seed."""
+    groups: dict[str, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(row.method, []).append(row)
+    return {m: sorted(g, key=lambda r: r.seed) for m, g in groups.items()}
+
+
+def method_table(rows: Sequence[Row], tasks: Sequence[str]) -> str:
+    """Per method: each task and the mean (mean +- std over seeds), zeros, evaluations, wall."""
+    header = ["method", *tasks, "mean", "zeros %", "evaluations", "wall s", "seeds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, group in by_method(rows).items():
+        cells = [
+            method,
+            *(mean_std([r.scores[t] for r in group]) for t in tasks),
+            f"**{mean_std([r.mean for r in group])}**",
+            f"{100 * statistics.fmean(r.zeros for r in group):.1f}",
+            f"{statistics.fmean(r.evaluations for r in group):.0f}",
+            f"{statistics.fmean(r.wall_s for r in group):.0f}",
+            str(len(group)),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_p_value(differences: Sequence[float]) -> float | None:
+    """Two-sided paired t-test p-value of the differences (None when undefined)."""
+    if len(differences) < 2 or statistics.pstdev(differences) == 0:
+        return None
+    from scipy.stats import ttest_1samp
+
+    return float(ttest_1samp(differences, 0.0).pvalue)
+
+
+def paired_table(rows: Sequence[Row], reference: str = REFERENCE) -> str:
+    """SAE minus each other method, seed by seed: mean difference, wins, p-value."""
+    groups = by_method(rows)
+    if reference not in groups:
+        return f"(no {reference} rows to compare against)"
+    base = {r.seed: r.mean for r in groups[reference]}
+    header = ["method", f"{reference} − method (points)", "per seed", f"{reference} wins", "p"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, group in groups.items():
+        if method == reference:
+            continue
+        pairs = [(base[r.seed], r.mean) for r in group if r.seed in base]
+        if not pairs:
+            continue
+        differences = [100 * (a - b) for a, b in pairs]
+        wins = sum(d > 0 for d in differences)
+        p = paired_p_value(differences)
+        cells = [
+            method,
+            f"{statistics.fmean(differences):+.1f}",
+            " / ".join(f"{d:+.1f}" for d in differences),
+            f"{wins}/{len(differences)}",
+            "n/a" if p is None else f"{p:.3f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(rows: Sequence[Row], tasks: Sequence[str], command: str, budget: int) -> str:
+    """``results.md``: the command, the method table and the paired comparison."""
+    return "\n".join(
+        [
+            "# Searches and one-shot merges at equal evaluations",
+            "",
+            "```bash",
+            command,
+            "```",
+            "",
+            f"Budget: {budget} fitness evaluations per search (one evaluation = one model "
+            "scored on one step's training items, re-scoring included); one-shot merges use "
+            "what they need. Test accuracy in %, mean ± std over seeds; zeros = fraction of "
+            "exactly-zero elements of the final model (of its task vector when the recipe "
+            "prunes deltas).",
+            "",
+            method_table(rows, tasks),
+            "",
+            "## Paired comparison (same seed)",
+            "",
+            paired_table(rows),
+            "",
+        ]
+    )
+
+
+def curve_figure(curves: dict[str, list[tuple[int, float]]]) -> Figure:
+    """Best training performance against evaluations used, one line per method."""
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    axes = figure.add_subplot()
+    for method, points in curves.items():
+        if points:
+            xs, ys = zip(*points, strict=True)
+            axes.plot(xs, [100 * y for y in ys], marker=".", label=method)
+    axes.set(
+        xlabel="fitness evaluations used",
+        ylabel="best member's training performance (%)",
+        title="Search progress (mean over seeds)",
+    )
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    return figure
+
+
+def mean_curve(states: Sequence[RunState]) -> list[tuple[int, float]]:
+    """The step-by-step (evaluations, best performance) averaged over seeds."""
+    length = min((len(s.history) for s in states), default=0)
+    points = []
+    for index in range(length):
+        records = [s.history[index] for s in states]
+        values = [r.best_performance for r in records if r.best_performance is not None]
+        if values:
+            evaluations = statistics.fmean(r.evaluations for r in records)
+            points.append((round(evaluations), statistics.fmean(values)))
+    return points
+
+
+def write_results(
+    out: Path,
+    rows: Sequence[Row],
+    tasks: Sequence[str],
+    command: str,
+    budget: int,
+    curves: dict[str, list[tuple[int, float]]],
+) -> list[Path]:
+    """Write ``results.csv``, ``results.md`` and ``progress.png`` into OUT/, atomically."""
+    written = [
+        write_text(out / "results.csv", csv_text(rows, tasks)),
+        write_text(out / "results.md", markdown(rows, tasks, command, budget)),
+    ]
+    figure = curve_figure(curves)
+    written.append(write_file(out / "progress.png", lambda p: figure.savefig(p, format="png")))
+    return written
