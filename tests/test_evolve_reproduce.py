@@ -184,8 +184,8 @@ def test_bf16_tied_parents_with_float32_output(tmp_path: Path) -> None:
 def test_sae_prune_and_evolve_lineage_reproduces(tmp_path: Path, parents) -> None:
     """sae_prune and sae_evolve stages as the search records them: global scope with
     ``redense: original`` (a dense reference input), then local scope."""
-    from mergekit_sae.search.sae import offspring_record, prune_record
     from mergekit_sae.evolve.recipe import MergeSettings, Recipe
+    from mergekit_sae.search.sae import offspring_record, prune_record
 
     def settings(**merge) -> Recipe:
         return Recipe.model_construct(base_model=None, merge=MergeSettings(**merge))

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from mergekit_sae.search.sae import rate_at
 from mergekit_sae.evolve.recipe import Recipe, Schedule
+from mergekit_sae.search.sae import rate_at
 
 
 def recipe_with(schedule: Schedule) -> Recipe:

@@ -274,7 +274,9 @@ class M2n2Search(Search):
     """Natural niches: an archive under resource competition, attraction-based mating, SLERP."""
 
     name = "m2n2"
-    title = "M2N2 (Abrantes et al. 2025, [natural_niches](https://github.com/SakanaAI/natural_niches))"
+    title = (
+        "M2N2 (Abrantes et al. 2025, [natural_niches](https://github.com/SakanaAI/natural_niches))"
+    )
     settings_model = M2n2Settings
     state_model = M2n2State
     settings: M2n2Settings
