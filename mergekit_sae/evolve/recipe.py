@@ -190,12 +190,7 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
-        """Cross-field rules: population holds every parent; delta pruning needs a base."""
-        if self.population_size < len(self.models):
-            raise ValueError(
-                f"population_size ({self.population_size}) must be at least the number of "
-                f"models ({len(self.models)}): every dense parent starts in the population"
-            )
+        """Cross-field rules: delta pruning needs a base; the search's own rules."""
         if self.merge.prune_target == "delta" and self.base_model is None:
             raise ValueError("merge.prune_target 'delta' prunes model - base: set base_model")
         from mergekit_sae.search import search_class

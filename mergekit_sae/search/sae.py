@@ -167,7 +167,13 @@ class SaeSearch(Search):
 
     @classmethod
     def check_recipe(cls, recipe: Any, settings: SearchSettings) -> None:
-        """Shared fitness compares per-item scores of one step, so it needs re-scoring."""
+        """The population holds every parent; shared fitness compares per-item scores of one
+        step, so it needs re-scoring."""
+        if recipe.population_size < len(recipe.models):
+            raise ValueError(
+                f"population_size ({recipe.population_size}) must be at least the number of "
+                f"models ({len(recipe.models)}): every dense parent starts in the population"
+            )
         if getattr(settings, "fitness", "plain") == "shared" and not recipe.rescore_population:
             raise ValueError("sae.fitness 'shared' needs rescore_population: true")
 
