@@ -6,12 +6,20 @@ model as its anchor and the package's defaults, see :data:`STATIC_MERGES`),
 or ``sae_oneshot``: one ``sae_evolve`` merge of the dense experts weighted by their measured
 training scores, pruned at the middle of the sparsity schedule. A one-shot merge costs the
 evaluations it needs: none, or one per expert score for ``sae_oneshot``.
+
+``scf_rkl_functional`` is ``scf_rkl`` with functional importance: before the merge it runs the
+calibration pass of :func:`~mergekit_sae.methods.scf_rkl_importance.compute_importance` on the
+first task's training items of step 1 (their ``prompt``), writes the scores to
+OUT/scf_rkl_importance/ (the written recipe points at them) and notes the pass in the step's
+``info["calibration"]``. Its forward and backward passes are calibration, not fitness
+evaluations: the run's evaluation count stays 0.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +27,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from mergekit_sae.evolve.population import Member, MergeInput, MergeRecord
 from mergekit_sae.search.base import Driver, Proposal, Search, SearchSettings
+from mergekit_sae.search.sae import merge_parameters, parent_inputs
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,7 @@ class StaticMerge:
     shared: dict[str, Any] = field(default_factory=dict)
     with_base: bool = True
     anchor_first: bool = False  # the first expert is the method's base (SCF-RKL's anchor)
+    functional: bool = False  # scf_rkl: compute the donors' importance from calibration first
 
 
 STATIC_MERGES: dict[str, StaticMerge] = {
@@ -39,8 +49,14 @@ STATIC_MERGES: dict[str, StaticMerge] = {
     "dare_ties": StaticMerge("dare_ties", {"weight": 1.0, "density": 0.5}),
     "sce": StaticMerge("sce", {}, {"select_topk": 0.1}),
     "scf_rkl": StaticMerge("scf_rkl", with_base=False, anchor_first=True),
+    "scf_rkl_functional": StaticMerge(
+        "scf_rkl", with_base=False, anchor_first=True, functional=True
+    ),
 }
 SAE_ONESHOT = "sae_oneshot"
+IMPORTANCE_DIR = "scf_rkl_importance"
+CALIBRATION_BATCH = 8
+CALIBRATION_MAX_LENGTH = 256
 
 
 def static_record(
@@ -60,28 +76,64 @@ def static_record(
     )
 
 
+def calibration_prompts(recipe: Any, driver: Driver) -> list[str]:
+    """The ``prompt`` of each of the first task's training items of this step."""
+    from mergekit_sae.errors import RecipeError
+
+    task = recipe.tasks[0].name
+    items = getattr(driver, "items", {}).get(task, [])
+    prompts = [item.get("prompt") if isinstance(item, dict) else None for item in items]
+    if not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise RecipeError(
+            f"oneshot.method scf_rkl_functional calibrates on the first task's training items "
+            f"(tasks[0] {task!r}): each needs a string 'prompt'"
+        )
+    return prompts
+
+
+def functional_importance(recipe: Any, driver: Driver, parents: list[str]) -> dict[str, Any]:
+    """Run the calibration pass (first parent = anchor) into OUT/scf_rkl_importance/.
+
+    Returns the pass's report (files per donor, tokens, forward/backward passes, seconds,
+    peak memory). The run folder is the step driver's (``driver.ctx.out``).
+    """
+    from mergekit_sae.evaluate.device import resolve_device, resolve_dtype
+    from mergekit_sae.evolve.population import member_dir
+    from mergekit_sae.methods.scf_rkl_importance import compute_importance
+
+    out = Path(driver.ctx.out)  # type: ignore[attr-defined]
+    paths = [str(member_dir(driver.members[i], out).absolute()) for i in parents]
+    device, default_dtype = resolve_device(recipe.device)
+    return compute_importance(
+        paths[0],
+        paths[1:],
+        calibration_prompts(recipe, driver),
+        (out / IMPORTANCE_DIR).absolute(),
+        device=device,
+        dtype=resolve_dtype(recipe.eval_dtype, default_dtype),
+        batch_size=recipe.eval_batch_size or CALIBRATION_BATCH,
+        max_length=CALIBRATION_MAX_LENGTH,
+    )
+
+
+def with_importance(record: MergeRecord, report: Mapping[str, Any]) -> MergeRecord:
+    """The record with each donor's ``importance`` set to its scores file."""
+    inputs = [
+        item.model_copy(update={"parameters": {**item.parameters, "importance": donor["file"]}})
+        for item, donor in zip(record.inputs, report["donors"], strict=True)
+    ]
+    return record.model_copy(update={"inputs": inputs})
+
+
 def sae_oneshot_record(recipe: Any, parents: list[Member], dtype: str) -> MergeRecord:
     """``sae_evolve`` of the dense experts with their scores, at the schedule's middle rate."""
     settings = recipe.merge
     rate = (recipe.schedule.s_min + recipe.schedule.s_max) / 2
-    inputs = []
-    for parent in parents:
-        per_model: dict[str, Any] = {"score": max(float(parent.performance), 1e-6)}
-        if settings.sparsity_scope == "global":
-            per_model["global_sparsity"] = parent.sparsity
-        inputs.append(MergeInput(member=parent.id, parameters=per_model))
     return MergeRecord(
         method="sae_evolve",
-        inputs=inputs,
+        inputs=parent_inputs(settings, parents),
         base_model=recipe.base_model if settings.prune_target == "delta" else None,
-        parameters={
-            "sparsity_weight": settings.sparsity_weight,
-            "sparsity_measure": settings.sparsity_measure,
-            "sparsity_scope": settings.sparsity_scope,
-            "renormalize": settings.renormalize,
-            "prune_target": settings.prune_target,
-            "offspring_density": 1.0 - rate,
-        },
+        parameters=merge_parameters(settings, 1.0 - rate),
         dtype=dtype,
     )
 
@@ -145,9 +197,12 @@ class OneShotSearch(Search):
             parents = [driver.members[i] for i in driver.parents]
             record = sae_oneshot_record(self.recipe, parents, driver.dtype)
         else:
-            record = static_record(
-                STATIC_MERGES[method], driver.parents, self.recipe.base_model, driver.dtype
-            )
+            merge = STATIC_MERGES[method]
+            record = static_record(merge, driver.parents, self.recipe.base_model, driver.dtype)
+            if merge.functional:
+                report = functional_importance(self.recipe, driver, driver.parents)
+                driver.note(calibration=report)
+                record = with_importance(record, report)
         # MergeKit's DARE draws its masks from torch's global generator: seed it per run.
         torch.manual_seed(driver.rng(step, "oneshot").randrange(2**63))
         inputs = tuple(driver.parents)

@@ -11,6 +11,11 @@ Step t (1-based), with pruning rate r_t = cyclic_rate(t - 1):
    score it, and let it replace the worst member when its fitness (performance + beta_fit *
    global sparsity) is strictly higher.
 
+With ``merge.method: scf_rkl`` step 3's offspring is instead the ``scf_rkl`` merge of the pair:
+the fitter member (plain fitness; ties: the first of the pair) is the anchor, the other the
+donor, and the fused density is r_t (the share of the anchor's coordinates the schedule lets the
+donor replace); that offspring is not pruned (:func:`scf_rkl_offspring_record`).
+
 With ``fitness: shared`` the replacement compares M2N2's shared fitness instead (resource
 competition over the step's per-item scores of the population and the child, exponent
 ``alpha``): a child that solves items few members solve is worth more. The final model is
@@ -87,6 +92,34 @@ def prune_record(recipe: Any, parent: Member, rate: float, dtype: str) -> MergeR
     )
 
 
+def parent_inputs(
+    settings: Any, parents: Sequence[Member], density: float | None = None
+) -> list[MergeInput]:
+    """Per-model ``sae_evolve`` inputs: score = performance (at least SCORE_FLOOR), the
+    density when given, and the global sparsity under the global scope."""
+    inputs = []
+    for parent in parents:
+        per_model: dict[str, Any] = {"score": max(float(parent.performance), SCORE_FLOOR)}
+        if density is not None:
+            per_model["density"] = density
+        if settings.sparsity_scope == "global":
+            per_model["global_sparsity"] = parent.sparsity
+        inputs.append(MergeInput(member=parent.id, parameters=per_model))
+    return inputs
+
+
+def merge_parameters(settings: Any, offspring_density: float) -> dict[str, Any]:
+    """The shared ``sae_evolve`` parameters of the recipe's merge settings."""
+    return {
+        "sparsity_weight": settings.sparsity_weight,
+        "sparsity_measure": settings.sparsity_measure,
+        "sparsity_scope": settings.sparsity_scope,
+        "renormalize": settings.renormalize,
+        "prune_target": settings.prune_target,
+        "offspring_density": offspring_density,
+    }
+
+
 def offspring_record(
     recipe: Any, parents: Sequence[Member], originals: Sequence[Member], rate: float, dtype: str
 ) -> MergeRecord:
@@ -102,13 +135,7 @@ def offspring_record(
     parents`` (with ``renormalize``, the dense member's values then fill those slots alike).
     """
     settings = recipe.merge
-    inputs = []
-    for parent in parents:
-        score = max(float(parent.performance), SCORE_FLOOR)
-        per_model: dict[str, Any] = {"score": score, "density": 1.0}
-        if settings.sparsity_scope == "global":
-            per_model["global_sparsity"] = parent.sparsity
-        inputs.append(MergeInput(member=parent.id, parameters=per_model))
+    inputs = parent_inputs(settings, parents, density=1.0)
     references = [
         original
         for original in dict.fromkeys(m.id for m in originals)
@@ -123,15 +150,25 @@ def offspring_record(
         method="sae_evolve",
         inputs=inputs,
         base_model=recipe.base_model if delta else None,
-        parameters={
-            "sparsity_weight": settings.sparsity_weight,
-            "sparsity_measure": settings.sparsity_measure,
-            "sparsity_scope": settings.sparsity_scope,
-            "renormalize": settings.renormalize,
-            "prune_target": settings.prune_target,
-            "offspring_density": 1.0 - rate,
-            "redense": redense,
-        },
+        parameters={**merge_parameters(settings, 1.0 - rate), "redense": redense},
+        dtype=dtype,
+    )
+
+
+def scf_rkl_offspring_record(pair: Sequence[Member], rate: float, dtype: str) -> MergeRecord:
+    """The ``scf_rkl`` stage of one offspring: the fitter member anchors, the other donates.
+
+    Fitness is the members' plain fitness (ties: the first of the pair); the fused density
+    is the schedule's rate, so the offspring keeps 1 - rate of the anchor's coordinates.
+    """
+    first, second = pair
+    fitter = float(second.fitness or 0.0) > float(first.fitness or 0.0)
+    anchor, donor = (second, first) if fitter else (first, second)
+    return MergeRecord(
+        method="scf_rkl",
+        inputs=[MergeInput(member=donor.id)],
+        base_member=anchor.id,
+        parameters={"density": rate},
         dtype=dtype,
     )
 
@@ -208,7 +245,11 @@ class SaeSearch(Search):
         """Score the population, make one offspring per pair, replace the worst when fitter."""
         recipe = self.recipe
         rate = rate_at(recipe, step)
-        driver.note(rate=rate, offspring_density=1.0 - rate)
+        scf_rkl = recipe.merge.method == "scf_rkl"
+        if scf_rkl:
+            driver.note(rate=rate, scf_rkl_density=rate)
+        else:
+            driver.note(rate=rate, offspring_density=1.0 - rate)
         population = self.state.population
         wanted = [
             i
@@ -226,8 +267,11 @@ class SaeSearch(Search):
         proposals = []
         for first, second in pairs:
             pair = [driver.members[first], driver.members[second]]
-            originals = original_parents(dict(driver.members), pair)
-            record = offspring_record(recipe, pair, originals, rate, driver.dtype)
+            if scf_rkl:
+                record = scf_rkl_offspring_record(pair, rate, driver.dtype)
+            else:
+                originals = original_parents(dict(driver.members), pair)
+                record = offspring_record(recipe, pair, originals, rate, driver.dtype)
             proposals.append(Proposal(merge=record, origin="offspring", inputs=(first, second)))
         for child in driver.make(proposals):
             child.member.fitness = self.fitness_of(child.member)
