@@ -172,3 +172,28 @@ def test_sweep_runs_the_changed_recipe(tmp_path: Path, recipe_file) -> None:
 
     state = load_state(tmp_path / "w" / "sae_sae.fitness=shared_" / "seed0")
     assert state.recipe["search_settings"]["sae"]["fitness"] == "shared"
+
+
+def test_compare_with_the_real_evaluators(tmp_path: Path) -> None:
+    """Tiny models and JSONL tasks scored by the resident model: the CLI writes every output."""
+    from click.testing import CliRunner
+    from evolve_fixtures import recipe_data, task_files
+
+    from mergekit_sae.cli import main
+
+    models = [tiny_llama(tmp_path / "a", 51), tiny_llama(tmp_path / "b", 52)]
+    data = recipe_data(models, task_files(tmp_path / "data"), steps=1, population_size=2)
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    arguments = ["compare", str(recipe), str(out), "--methods", "sae,linear", "--seeds", "1"]
+    result = CliRunner().invoke(main, [*arguments, "--quiet"])
+    assert result.exit_code == 0, result.output
+    rows = read_csv(out / "results.csv")
+    assert [(r["method"], r["evaluations"]) for r in rows] == [("sae", "3"), ("linear", "0")]
+    for row in rows:  # accuracies of the tiny random models, as fractions of the test items
+        assert 0.0 <= float(row["colours"]) <= 1.0 and 0.0 <= float(row["sums"]) <= 1.0
+        weighted = (float(row["colours"]) + float(row["sums"])) / 2
+        assert float(row["mean"]) == pytest.approx(weighted, abs=1e-6)
+    again = CliRunner().invoke(main, [*arguments, "--quiet"])
+    assert again.exit_code != 0 and "--resume" in again.output

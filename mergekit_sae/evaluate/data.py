@@ -8,14 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mergekit_sae.errors import TaskDataError
 from mergekit_sae.evaluate import registry
 from mergekit_sae.evaluate.registry import JsonKind
 
 T = TypeVar("T")
-
-
-class TaskDataError(ValueError):
-    """Raised when a task data file is missing or one of its lines is not a valid item."""
 
 
 def load_jsonl(path: str | Path, task_type: str | None = None) -> list[dict[str, Any]]:

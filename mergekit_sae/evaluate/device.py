@@ -8,12 +8,12 @@ from typing import TypeVar
 
 import torch
 
+from mergekit_sae.dtypes import torch_dtype
+
 T = TypeVar("T")
 R = TypeVar("R")
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(device: str = "auto") -> tuple[torch.device, torch.dtype]:
@@ -35,9 +35,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype) -> torc
         return default
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
+    return torch_dtype(dtype)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -63,22 +61,15 @@ def map_batches(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     results: list[R] = []
-    start = 0
-    while start < len(items):
-        batch = list(items[start : start + batch_size])
-        try:
-            out = fn(batch)
-        except Exception as e:
-            if not is_out_of_memory(e) or batch_size == 1:
-                raise
-            batch_size = max(1, batch_size // 2)
-            logger.warning("out of memory; retrying with batch size %d", batch_size)
-            (on_oom or _empty_cache)()
-            continue
-        if len(out) != len(batch):
-            raise RuntimeError(f"batch function returned {len(out)} results for {len(batch)} items")
+    while len(results) < len(items):
+        start = len(results)
+        out, batch_size = _with_backoff(
+            lambda size, start=start: fn(list(items[start : start + size])), batch_size, on_oom
+        )
+        expected = min(batch_size, len(items) - start)
+        if len(out) != expected:
+            raise RuntimeError(f"batch function returned {len(out)} results for {expected} items")
         results.extend(out)
-        start += len(batch)
     return results
 
 
@@ -87,14 +78,21 @@ def _empty_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def call_with_oom_backoff(fn: Callable[[int], R], batch_size: int) -> R:
-    """Call fn(batch_size), halving the batch size after each out-of-memory error."""
+def _with_backoff(
+    fn: Callable[[int], R], batch_size: int, on_oom: Callable[[], None] | None = None
+) -> tuple[R, int]:
+    """fn(batch_size) and the batch size it succeeded with, halving it after each OOM."""
     while True:
         try:
-            return fn(batch_size)
+            return fn(batch_size), batch_size
         except Exception as e:
             if not is_out_of_memory(e) or batch_size == 1:
                 raise
         batch_size = max(1, batch_size // 2)
         logger.warning("out of memory; retrying with batch size %d", batch_size)
-        _empty_cache()
+        (on_oom or _empty_cache)()
+
+
+def call_with_oom_backoff(fn: Callable[[int], R], batch_size: int) -> R:
+    """Call fn(batch_size), halving the batch size after each out-of-memory error."""
+    return _with_backoff(fn, batch_size)[0]

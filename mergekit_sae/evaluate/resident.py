@@ -11,26 +11,31 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from mergekit_sae.errors import WeightLoadError
 from mergekit_sae.evaluate.device import resolve_device, resolve_dtype
 
 INDEX_NAME = "model.safetensors.index.json"
 
 
-class WeightLoadError(ValueError):
-    """Raised when candidate weights do not fit the resident model (names or shapes)."""
-
-
 class ResidentModel:
     """A causal LM and its tokenizer, loaded once; :meth:`load_weights` swaps in new weights."""
 
-    def __init__(self, path: str | Path, device: str = "auto", dtype=None):
+    def __init__(
+        self,
+        path: str | Path,
+        device: str = "auto",
+        dtype=None,
+        *,
+        trust_remote_code: bool = False,
+    ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device, default_dtype = resolve_device(device)
         self.dtype = resolve_dtype(dtype, default_dtype)
         self.path = Path(path)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype)
+        remote = {"trust_remote_code": bool(trust_remote_code)}  # off unless the recipe asks
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, **remote)
+        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype, **remote)
         self.model.to(self.device).eval()
 
     def load_weights(self, source: Mapping[str, Tensor] | str | Path) -> None:

@@ -8,29 +8,35 @@ parent's tokenizer replace the model files in OUT/ as one set (``atomic.replace_
 
 from __future__ import annotations
 
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from mergekit_sae import faults
 from mergekit_sae.atomic import replace_files
+from mergekit_sae.evolve import pareto
 from mergekit_sae.evolve.card import write_card
-from mergekit_sae.evolve.checkpoint import RunState, save_state
+from mergekit_sae.evolve.checkpoint import RunState, save_state, work_dir
+from mergekit_sae.evolve.export import run_rebuilder
 from mergekit_sae.evolve.loop import RunContext, task_weights, test_items
 from mergekit_sae.evolve.merging import CONFIG_FILES, stream_merge
 from mergekit_sae.evolve.plots import write_plots
 from mergekit_sae.evolve.population import (
     Member,
-    MergeInput,
     MergeRecord,
     TestResult,
     member_dir,
     performance,
 )
 from mergekit_sae.evolve.reproduce import write_recipe
+from mergekit_sae.evolve.tracking import plot_images
+from mergekit_sae.search.oneshot import STATIC_MERGES, static_record
 from mergekit_sae.sparsity import sparsity_from_stats
 
+REBUILT_DIR = "rebuilt"  # OUT/.work/rebuilt/: evicted members rebuilt for the test report
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = (
@@ -62,10 +68,26 @@ def parent_labels(parents: Sequence[Member]) -> list[str]:
 
 
 def test_result(
-    ctx: RunContext, label: str, kind: str, model: str, member: Member, items: dict
+    ctx: RunContext,
+    label: str,
+    kind: str,
+    model: str,
+    member: Member,
+    items: dict,
+    *,
+    generation: bool = False,
 ) -> TestResult:
-    """Score the evaluator's current candidate on the test items as one report row."""
-    scores = ctx.evaluator.score(items)
+    """Score the evaluator's current candidate on the test items as one report row.
+
+    With ``generation`` and an evaluator that offers ``score_with_generation``, the row also
+    carries the generation metrics of those same test outputs (one scoring pass).
+    """
+    measured = None
+    with_generation = getattr(ctx.evaluator, "score_with_generation", None)
+    if generation and with_generation is not None:
+        scores, measured = with_generation(items)
+    else:
+        scores = ctx.evaluator.score(items)
     return TestResult(
         label=label,
         kind=kind,
@@ -74,21 +96,22 @@ def test_result(
         mean=performance(scores, task_weights(ctx.recipe)),
         sparsity=member.sparsity,
         zero_fraction=member.zero_fraction,
+        generation=measured,
     )
 
 
 def linear_record(parents: Sequence[Member], dtype: str) -> MergeRecord:
-    """MergeKit's ``linear`` merge of the dense parents with equal weights."""
-    return MergeRecord(
-        method="linear",
-        inputs=[MergeInput(member=p.id, parameters={"weight": 1.0}) for p in parents],
-        parameters={"normalize": True},
-        dtype=dtype,
-    )
+    """MergeKit's ``linear`` merge of the dense parents with equal weights (the one-shot one)."""
+    return static_record(STATIC_MERGES["linear"], [p.id for p in parents], None, dtype)
 
 
-def report(ctx: RunContext, state: RunState, best: Member) -> list[TestResult]:
-    """Test-split rows: each parent and baseline asked for, then the evolved model."""
+def report(
+    ctx: RunContext, state: RunState, best: Member, best_dir: Path | None = None
+) -> list[TestResult]:
+    """Test-split rows: each parent and baseline asked for, then the evolved model.
+
+    ``best_dir`` holds the evolved model's weights (default: its member folder).
+    """
     items = test_items(ctx)
     parents = [m for m in state.members.values() if m.origin == "parent"]
     baselines = ctx.recipe.test_baselines
@@ -116,8 +139,8 @@ def report(ctx: RunContext, state: RunState, best: Member) -> list[TestResult]:
         linear.zero_fraction = sparsity_from_stats(outcome.stats, "zero_count")
         rows.append(test_result(ctx, "linear 50/50", "baseline", "linear", linear, items))
         bar.update(1)
-    ctx.evaluator.load(member_dir(best, ctx.out))
-    evolved = test_result(ctx, ctx.search.result_label, "evolved", best.id, best, items)
+    ctx.evaluator.load(best_dir or member_dir(best, ctx.out))
+    evolved = test_result(ctx, result_label(ctx), "evolved", best.id, best, items, generation=True)
     best.test_scores = evolved.scores
     rows.append(evolved)
     bar.update(1)
@@ -158,17 +181,72 @@ def card_settings(ctx: RunContext) -> dict[str, object]:
     }
 
 
+def result_label(ctx: RunContext) -> str:
+    """The report row of the final model: the search's best, or the chosen front member."""
+    if ctx.recipe.select == "best":
+        return ctx.search.result_label
+    return f"{ctx.search.name} (sparsest within {ctx.recipe.tolerance:g} pt)"
+
+
+def chosen_member(ctx: RunContext, state: RunState, on_front: Sequence[pareto.Point]) -> Member:
+    """The final model: the search's best, or (``select: sparsest_within``) the sparsest
+    front member within ``tolerance`` points of the front's highest training mean."""
+    if ctx.recipe.select == "sparsest_within" and on_front:
+        return state.members[pareto.sparsest_within(on_front, ctx.recipe.tolerance).candidate]
+    return best_member(ctx, state)
+
+
+def pareto_outputs(
+    ctx: RunContext,
+    state: RunState,
+    candidates: Sequence[pareto.Point],
+    on_front: Sequence[pareto.Point],
+    chosen: Member,
+    results: Sequence[TestResult],
+    locate: Callable[[str], Path],
+) -> None:
+    """Score the front (at most ``pareto_max``, the final model kept) on the test splits and
+    write ``OUT/pareto.csv`` and ``OUT/pareto.png``; rows already scored are reused."""
+    kept = pareto.cap(on_front, ctx.recipe.pareto_max, keep=[chosen.id])
+    sources = {str(m.source): m.id for m in state.members.values() if m.origin == "parent"}
+    known = {sources[r.model]: r.scores for r in results if r.kind == "parent"}
+    known[chosen.id] = dict(chosen.test_scores or {})
+    items = test_items(ctx)
+
+    def score(identifier: str) -> dict[str, float]:
+        ctx.evaluator.load(locate(identifier))
+        return ctx.evaluator.score(items)
+
+    test = pareto.score_front(kept, state.members, known, score)
+    tasks = [task.name for task in ctx.recipe.tasks]
+    weights = task_weights(ctx.recipe)
+    pareto.write_front(ctx.out, candidates, on_front, test, tasks, weights, chosen.id)
+
+
 def finish(ctx: RunContext, state: RunState) -> RunState:
-    """Evaluate the best member on the test splits and write every output into OUT/."""
-    best = best_member(ctx, state)
+    """Evaluate the final model (and the Pareto front) on the test splits and write every
+    output into OUT/; members no longer on disk are rebuilt from their lineage."""
+    candidates = pareto.points(state.members)
+    on_front = pareto.front(candidates)
+    best = chosen_member(ctx, state, on_front)
+    cache = work_dir(ctx.out) / REBUILT_DIR
+    shutil.rmtree(cache, ignore_errors=True)
+    rebuilder = run_rebuilder(state.members, ctx.out, cache, ctx.recipe, ctx.device)
+    best_dir = rebuilder.path(best.id)
     start = time.perf_counter()
-    results = report(ctx, state, best)
+    faults.point("finish.report")
+    results = report(ctx, state, best, best_dir)
+    pareto_outputs(ctx, state, candidates, on_front, best, results, rebuilder.path)
     state.seconds["test"] = time.perf_counter() - start
     start = time.perf_counter()
-    write_model(member_dir(best, ctx.out), ctx.models[0], ctx.out)
+    faults.point("finish.model")
+    write_model(best_dir, ctx.models[0], ctx.out)
+    faults.point("finish.recipe")
     recipe_path = write_recipe(state.members, best.id, ctx.out)
     table = {row.label: row.scores for row in results}
+    faults.point("finish.plots")
     write_plots(ctx.out, state.history, table)
+    faults.point("finish.card")
     write_card(
         ctx.out,
         name=ctx.out.resolve().name,
@@ -176,7 +254,7 @@ def finish(ctx: RunContext, state: RunState) -> RunState:
         recipe=recipe_path.read_text(encoding="utf-8"),
         results=table,
         tasks=[task.name for task in ctx.recipe.tasks],
-        evolved=ctx.search.result_label,
+        evolved=result_label(ctx),
         found_by=ctx.search.title,
         settings=card_settings(ctx),
     )
@@ -184,5 +262,9 @@ def finish(ctx: RunContext, state: RunState) -> RunState:
     state.best = best.id
     state.results = results
     state.finished = True
+    faults.point("finish.state")
     save_state(ctx.out, state, keep_members=ctx.recipe.keep_population)
+    shutil.rmtree(cache, ignore_errors=True)
+    if ctx.tracker:
+        ctx.tracker.final(state, ctx.recipe, plot_images(ctx.out))
     return state

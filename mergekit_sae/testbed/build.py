@@ -139,8 +139,12 @@ def _build_into(work: Path, config: TestbedConfig, say) -> dict:
         "tasks": task_specs(Path()),  # JSONL paths relative to the testbed
         "accuracy": table,
         "static_merges": {
-            name: {"method": method, "parameters": params, "uses_base": with_base}
-            for name, (method, params, with_base) in STATIC_MERGES.items()
+            name: {
+                "method": merge.method,
+                "parameters": {**merge.per_model, **merge.shared},
+                "uses_base": merge.with_base,
+            }
+            for name, merge in STATIC_MERGES.items()
         },
         "quality_checks": checks,
         "quality_passed": all(checks.values()),

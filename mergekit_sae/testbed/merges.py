@@ -1,4 +1,8 @@
-"""Static merges of the testbed experts (the baselines a search has to beat), done by MergeKit."""
+"""Static merges of the testbed experts (the baselines a search has to beat), done by MergeKit.
+
+They are the one-shot merges of :mod:`mergekit_sae.search.oneshot`, under the labels the
+testbed report uses.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,14 @@ from collections.abc import Mapping
 
 import torch
 
-# name -> (MergeKit method, parameters shared by every expert, whether the base takes part)
-STATIC_MERGES: dict[str, tuple[str, dict[str, float], bool]] = {
-    "linear_50_50": ("linear", {"weight": 0.5}, False),
-    "task_arithmetic_1.0": ("task_arithmetic", {"weight": 1.0}, True),
-    "ties_1.0_d0.5": ("ties", {"weight": 1.0, "density": 0.5}, True),
+from mergekit_sae.search.oneshot import STATIC_MERGES as ONE_SHOT_MERGES
+from mergekit_sae.search.oneshot import StaticMerge
+
+# testbed report label -> the one-shot merge it runs
+STATIC_MERGES: dict[str, StaticMerge] = {
+    "linear_50_50": ONE_SHOT_MERGES["linear"],
+    "task_arithmetic_1.0": ONE_SHOT_MERGES["task_arithmetic"],
+    "ties_1.0_d0.5": ONE_SHOT_MERGES["ties"],
 }
 
 
@@ -18,15 +25,18 @@ STATIC_MERGES: dict[str, tuple[str, dict[str, float], bool]] = {
 def static_merge(
     name: str, base, experts: Mapping[str, torch.nn.Module]
 ) -> dict[str, torch.Tensor]:
-    """Merge the experts' state dicts with the named static recipe (see `STATIC_MERGES`)."""
+    """Merge the experts' state dicts with the named static merge (see `STATIC_MERGES`)."""
     from mergekit.merge_methods import merge_state_dicts
 
     if name not in STATIC_MERGES:
         raise ValueError(f"unknown static merge {name!r}; choose one of {sorted(STATIC_MERGES)}")
-    method, parameters, with_base = STATIC_MERGES[name]
+    merge = STATIC_MERGES[name]
     models = {key: model.state_dict() for key, model in experts.items()}
-    if with_base:
+    if merge.with_base:
         models = {"base": base.state_dict(), **models}
     return merge_state_dicts(
-        models, method, base="base" if with_base else None, parameters=parameters
+        models,
+        merge.method,
+        base="base" if merge.with_base else None,
+        parameters={**merge.per_model, **merge.shared},
     )
