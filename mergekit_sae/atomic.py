@@ -41,7 +41,8 @@ import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
-from mergekit_sae.errors import OutputMissingError
+from mergekit_sae import faults
+from mergekit_sae.errors import OutOfSpaceError, OutputMissingError, is_out_of_space
 
 INCOMPLETE = ".incomplete"
 OLD = ".old"
@@ -103,6 +104,14 @@ def _leftovers_of(target: Path, suffix: str) -> list[Path]:
     return sorted((p for p in found if len(p.name) == length), key=lambda p: p.lstat().st_mtime)
 
 
+def _check_space(error: BaseException, target: Path) -> None:
+    """Raise OutOfSpaceError naming ``target`` when ``error`` reports a full disk."""
+    if is_out_of_space(error):
+        raise OutOfSpaceError(
+            f"no space left on device while writing {target}", file=target
+        ) from error
+
+
 def write_file(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Have ``write(tmp)`` fill a temporary beside ``path``, flush it, rename it over ``path``."""
     path = Path(path)
@@ -112,9 +121,11 @@ def write_file(path: str | os.PathLike, write: Callable[[Path], object]) -> Path
     try:
         write(tmp)
         fsync_path(tmp)
+        faults.point("atomic.file")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        _check_space(error, path)
         raise
     fsync_path(path.parent)
     return path
@@ -143,6 +154,7 @@ def publish_dir(staged: str | os.PathLike, target: str | os.PathLike) -> None:
     if os.path.lexists(target):
         old = _sibling(target, OLD)
         os.replace(target, old)
+    faults.point("atomic.dir.swap")
     os.replace(staged, target)
     fsync_path(target.parent)
     if old is not None:
@@ -190,9 +202,11 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
                 f"{_describe_contents(staging)}); {target} was left as it was",
                 file=target,
             )
+        faults.point("atomic.dir.staged")
         publish_dir(staged, target)
-    except BaseException:
+    except BaseException as error:
         _remove(created if created is not None else staging)
+        _check_space(error, target)
         raise
     _remove(staging)
 
@@ -213,6 +227,7 @@ def _roll_forward(folder: Path, plan: dict[str, list[str]]) -> None:
     staging = folder / FILES_STAGING
     for name in plan["files"]:
         if (staging / name).exists():
+            faults.point("atomic.files.rename")
             os.replace(staging / name, folder / name)
     for name in plan["remove"]:
         (folder / name).unlink(missing_ok=True)
@@ -236,9 +251,15 @@ def replace_files(
     staging.mkdir()
     names = [Path(source).name for source in sources]
     for source, name in zip(sources, names, strict=True):
-        shutil.copyfile(source, staging / name)
+        try:
+            shutil.copyfile(source, staging / name)
+        except OSError as error:
+            _remove(staging)
+            _check_space(error, folder / name)
+            raise
         os.chmod(staging / name, 0o666 & ~current_umask())
     fsync_tree(staging)
+    faults.point("atomic.files.staged")
     stale = sorted(set(remove) - set(names))
     write_text(folder / FILES_JOURNAL, json.dumps({"files": names, "remove": stale}))
     _roll_forward(folder, {"files": names, "remove": stale})

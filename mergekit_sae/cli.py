@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from mergekit_sae.errors import MergekitSaeError
+from mergekit_sae.errors import MergekitSaeError, is_out_of_space
 
 # name -> ("module:attribute", one-line help shown by `mergekit-sae --help`)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -22,8 +22,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "testbed": ("mergekit_sae.testbed.cli:testbed", "Build and inspect the embedded tiny testbed."),
     "evolve": ("mergekit_sae.evolve.cli:evolve", "Run the sparsity-aware evolutionary search."),
     "publish": ("mergekit_sae.evolve.publish:publish", "Upload an evolved model to the Hub."),
+    "export": ("mergekit_sae.evolve.export:export_command", "Rebuild any candidate of a run."),
     "scf-rkl": ("mergekit_sae.scf_rkl_cli:scf_rkl", "SCF-RKL: functional importance, threshold."),
     "compare": ("mergekit_sae.compare.cli:compare", "Compare searches and one-shot merges."),
+    "landscape": ("mergekit_sae.landscape.cli:landscape", "Loss and convexity maps of models."),
 }
 
 
@@ -38,8 +40,23 @@ class CommandError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True, file=file)
 
 
-def format_exception(error: BaseException) -> CommandError:
-    """The one-line report of an exception: known errors whole, others short with a hint."""
+class Interrupted(click.ClickException):
+    """Ctrl-C: one line on stderr (no ``error:`` prefix, no traceback), exit code 130."""
+
+    exit_code = 130
+
+    def show(self, file: Any = None) -> None:
+        click.echo(self.format_message(), err=True, file=file)
+
+
+def format_exception(error: BaseException, resume_hint: str = "") -> CommandError:
+    """The one-line report of an exception: known errors whole, others short with a hint.
+
+    A full disk is reported as such (with ``resume_hint`` when the command can resume).
+    """
+    if is_out_of_space(error):
+        text = str(error) if isinstance(error, MergekitSaeError) else f"no space left ({error})"
+        return CommandError(f"{text}; free some space{resume_hint}")
     if isinstance(error, MergekitSaeError):
         return CommandError(str(error), error.exit_code)
     lines = str(error).strip().splitlines()
@@ -60,10 +77,21 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except KeyboardInterrupt:
+            if ctx.params.get("debug"):
+                raise
+            raise Interrupted(f"interrupted{self._resume_hint(ctx, 'continue')}") from None
         except Exception as error:
             if ctx.params.get("debug"):
                 raise
-            raise format_exception(error) from error
+            raise format_exception(error, self._resume_hint(ctx, "then continue")) from error
+
+    def _resume_hint(self, ctx: click.Context, verb: str) -> str:
+        """``; VERB with --resume`` when the running subcommand has a --resume option."""
+        name = ctx.invoked_subcommand
+        command = self.get_command(ctx, name) if name else None
+        resumable = command is not None and any(p.name == "resume" for p in command.params)
+        return f"; {verb} with --resume" if resumable else ""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(SUBCOMMANDS)

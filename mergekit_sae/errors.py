@@ -10,6 +10,7 @@ programs that want it without parsing the text. This module imports nothing heav
 
 from __future__ import annotations
 
+from errno import ENOSPC
 from os import PathLike
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "TestbedError",
     "ConfigError",
     "PublishError",
+    "OutOfSpaceError",
 ]
 
 
@@ -88,3 +90,24 @@ class ConfigError(MergekitSaeError, ValueError):
 
 class PublishError(MergekitSaeError, ValueError):
     """A folder that cannot be published (not a complete model with a card)."""
+
+
+class OutOfSpaceError(MergekitSaeError, OSError):
+    """A write failed because the disk is full; the message names the file or folder."""
+
+    def __init__(self, message: str, *, file: str | PathLike | None = None) -> None:
+        super().__init__(message, file=file)
+        self.errno = ENOSPC
+
+
+def is_out_of_space(error: BaseException | None) -> bool:
+    """Whether an exception (or one it was raised from) reports a full disk (ENOSPC)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == ENOSPC:
+            return True
+        if "No space left on device" in str(error) or "os error 28" in str(error):
+            return True  # errors of libraries that do not keep the errno (safetensors)
+        error = error.__cause__ or error.__context__
+    return False

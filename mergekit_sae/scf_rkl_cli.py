@@ -34,9 +34,11 @@ def _roles(recipe: Path):
 
 
 def _write_yaml(path: Path, recipe: dict) -> None:
-    """Write a recipe mapping as YAML, creating the parent directory."""
+    """Write a recipe mapping as YAML (atomically), creating the parent directory."""
+    from mergekit_sae.atomic import write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    write_text(path, yaml.safe_dump(recipe, sort_keys=False))
 
 
 @scf_rkl.command()

@@ -9,7 +9,7 @@ any device, and allocates only the output tensor plus chunk-sized scratch.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -51,12 +51,34 @@ def _check_density(density: float, what: str = "density") -> None:
 
 def _kth_largest_key(flat: Tensor, k: int, chunk: int) -> tuple[int, int]:
     """Radix-select the key of the k-th largest |x|; return it and how many equal keys to keep."""
-    key_bits = flat.element_size() * 8
+    threshold = select_threshold(
+        lambda: (_magnitude_keys(part) for part in _chunks(flat, chunk)),
+        k,
+        key_bits=flat.element_size() * 8,
+        device=flat.device,
+    )
+    return threshold.key, threshold.equal
+
+
+class Threshold(NamedTuple):
+    """A magnitude threshold: keep keys above ``key`` and the first ``equal`` keys equal to it."""
+
+    key: int
+    equal: int
+
+
+def select_threshold(
+    key_chunks: Callable[[], Iterable[Tensor]], k: int, *, key_bits: int, device: torch.device
+) -> Threshold:
+    """Radix-select the k-th largest of the keys ``key_chunks()`` yields (in order, per pass).
+
+    One pass per 16-bit digit (one for 16-bit floats, two for float32); each pass asks
+    ``key_chunks`` for a fresh iterator, so the keys can be computed chunk by chunk.
+    """
     prefix, remaining = 0, k
     for level, shift in enumerate(range(key_bits - _DIGIT_BITS, -1, -_DIGIT_BITS)):
-        hist = torch.zeros(1 << _DIGIT_BITS, dtype=torch.int64, device=flat.device)
-        for part in _chunks(flat, chunk):
-            keys = _magnitude_keys(part)
+        hist = torch.zeros(1 << _DIGIT_BITS, dtype=torch.int64, device=device)
+        for keys in key_chunks():
             if level:
                 keys = keys[(keys >> (shift + _DIGIT_BITS)) == prefix]
             digits = (keys >> shift) & ((1 << _DIGIT_BITS) - 1)
@@ -66,7 +88,34 @@ def _kth_largest_key(flat: Tensor, k: int, chunk: int) -> tuple[int, int]:
         digit = (1 << _DIGIT_BITS) - 1 - index
         remaining -= int(at_or_above[index]) - int(hist[digit])
         prefix = (prefix << _DIGIT_BITS) | digit
-    return prefix, remaining
+    return Threshold(prefix, remaining)
+
+
+class KeepMask:
+    """Which entries a threshold keeps, chunk by chunk in order (ties kept by position)."""
+
+    def __init__(self, threshold: Threshold):
+        self.key = threshold.key
+        self.left = threshold.equal
+
+    def __call__(self, keys: Tensor) -> Tensor:
+        """The keep mask of the next chunk's keys."""
+        keep = keys > self.key
+        if self.left > 0:
+            equal = keys == self.key
+            n_equal = int(equal.sum())
+            if n_equal > self.left:  # only part of this chunk's ties survive
+                equal &= equal.cumsum(0) <= self.left
+            keep |= equal
+            self.left -= min(n_equal, self.left)
+        return keep
+
+
+def magnitude_keys(chunk: Tensor) -> Tensor:
+    """Integer keys of a chunk that order like |x| (for selections over computed chunks)."""
+    if chunk.dtype not in _KEY_VIEW:
+        raise TypeError(f"magnitude pruning needs a floating-point tensor, got {chunk.dtype}")
+    return _magnitude_keys(chunk)
 
 
 def magnitude_prune(tensor: Tensor, density: float, *, chunk: int = CHUNK_ELEMENTS) -> Tensor:
@@ -86,20 +135,11 @@ def magnitude_prune(tensor: Tensor, density: float, *, chunk: int = CHUNK_ELEMEN
         return torch.zeros_like(tensor)
     flat = tensor.contiguous().view(-1)
     threshold, keep_equal = _kth_largest_key(flat, k, chunk)
+    mask = KeepMask(Threshold(threshold, keep_equal))
     out = torch.empty_like(flat)
     zero = torch.zeros((), dtype=flat.dtype, device=flat.device)
-    kept_equal = 0
     for part, out_part in zip(_chunks(flat, chunk), _chunks(out, chunk), strict=True):
-        keys = _magnitude_keys(part)
-        keep = keys > threshold
-        if kept_equal < keep_equal:
-            equal = keys == threshold
-            n_equal = int(equal.sum())
-            if kept_equal + n_equal > keep_equal:  # only part of this chunk's ties survive
-                equal &= equal.cumsum(0) <= keep_equal - kept_equal
-            keep |= equal
-            kept_equal += n_equal
-        torch.where(keep, part, zero, out=out_part)
+        torch.where(mask(_magnitude_keys(part)), part, zero, out=out_part)
     return out.view(tensor.shape)
 
 
@@ -139,9 +179,9 @@ def sparsity_stats(
     for part in _chunks(tensor.reshape(-1), chunk):
         zeros += part.numel() - int(torch.count_nonzero(part))
         if norms:
-            wide = part.to(torch.float64)
-            l1 += float(wide.abs().sum())
-            l2 += float(wide.square().sum())
+            wide = part.to(torch.float64, copy=True)  # one copy, in place: |x|, then |x|^2
+            l1 += float(wide.abs_().sum())
+            l2 += float(wide.square_().sum())
     return SparsityStats(tensor.numel(), zeros, l1, l2)
 
 

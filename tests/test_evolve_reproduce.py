@@ -117,8 +117,8 @@ def test_three_stage_lineage_reproduces_with_multimerge(tmp_path: Path, parents)
     members, weights = build_lineage(tmp_path, parents, stages)
     path = write_recipe(members, "m0005", tmp_path / "OUT")
     documents = load_stages(path)
-    assert [doc.get("name") for doc in documents] == ["m0003", "m0004", None]
-    assert documents[2]["models"][0]["model"] == "m0003"
+    assert [doc.get("name") for doc in documents] == ["./m0003", "./m0004", None]
+    assert documents[2]["models"][0]["model"] == "./m0003"
     assert documents[1]["base_model"] == str(parents["base"])
     assert "mergekit-multi mergekit_config.yml" in path.read_text()
     out = run_recipe(path, tmp_path / "re", intermediate_dir=tmp_path / "stages")
@@ -220,7 +220,7 @@ def test_sae_prune_and_evolve_lineage_reproduces(tmp_path: Path, parents) -> Non
     path = write_recipe(members, "m0004", tmp_path / "OUT")
     documents = load_stages(path)
     names = [doc.get("name") for doc in documents]
-    assert names == ["m0002", "m0003", None]
+    assert names == ["./m0002", "./m0003", None]
     references = [m for m in documents[1]["models"] if m["parameters"].get("dense_reference")]
     assert [m["model"] for m in references] == [str(parents["b"])]
     assert documents[-1]["merge_method"] == "sae_evolve"
@@ -245,7 +245,7 @@ def test_lineage_order_and_unused_members(parents) -> None:
         members[name] = Member(id=name, path=name, origin="offspring", inputs=inputs, merge=record)
     documents = recipe_documents(members, "m0005")
     # m0003 is not an ancestor of m0005: it must not appear
-    assert [doc.get("name") for doc in documents] == ["m0004", None]
+    assert [doc.get("name") for doc in documents] == ["./m0004", None]
     assert yaml.safe_load(yaml.safe_dump(documents[0]))["models"][1]["model"] == str(
         parents["base"]
     )
@@ -278,11 +278,11 @@ def test_model_given_twice_goes_through_a_copy_stage(parents) -> None:
     members["m1"] = Member(id="m1", path="m1", origin="offspring", inputs=["a"], merge=twice)
     documents = recipe_documents(members, "m1")
     assert documents[0] == {
-        "name": "org_a-copy",
+        "name": "./org_a-copy",
         "merge_method": "passthrough",
         "models": [{"model": "org/a"}],
     }
-    assert [m["model"] for m in documents[1]["models"]] == ["org/a", "org_a-copy"]
+    assert [m["model"] for m in documents[1]["models"]] == ["org/a", "./org_a-copy"]
 
 
 def test_copy_stage_reproduces_exactly(tmp_path: Path, parents) -> None:
@@ -299,7 +299,7 @@ def test_copy_stage_reproduces_exactly(tmp_path: Path, parents) -> None:
     members, weights = build_lineage(tmp_path, parents, stages)
     path = write_recipe(members, "m0004", tmp_path / "OUT")
     names = [doc.get("name") for doc in load_stages(path)]
-    assert names == ["m0003", copy_stage_name("m0003"), None]
+    assert names == ["./m0003", copy_stage_name("m0003"), None]
     out = run_recipe(path, tmp_path / "re", intermediate_dir=tmp_path / "stages")
     assert_same_tensors(weights["m0004"], out)
 
@@ -343,7 +343,7 @@ def test_driver_output_folder_reproduces_with_mergekit(tmp_path: Path) -> None:
     best = state.members[state.best]
     merged = [m for m in lineage(state.members, best.id) if m.merge is not None]
     assert len(merged) >= 2
-    assert [doc.get("name") for doc in documents] == [m.id for m in merged[:-1]] + [None]
+    assert [doc.get("name") for doc in documents] == [f"./{m.id}" for m in merged[:-1]] + [None]
     assert [doc["merge_method"] for doc in documents] == [m.merge.method for m in merged]
     rebuilt = run_recipe(out / RECIPE_FILE, tmp_path / "re", intermediate_dir=tmp_path / "st")
     assert_same_tensors(load_weights(out), rebuilt)

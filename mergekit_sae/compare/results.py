@@ -1,7 +1,8 @@
 """The comparison's outputs: one row per run, ``results.csv``, ``results.md`` and the plot.
 
 ``results.md`` is shaped like the paper's Table 1 (per-task test accuracy and the mean,
-mean +- std over seeds) and adds a paired comparison of SAE against every other method:
+mean +- std over seeds, plus the repetition rate and distinct-2 of the final model's test
+generations when a task generates) and adds a paired comparison of SAE against every other method:
 the per-seed difference of the test mean, wins, and a paired t-test where it is defined.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from mergekit_sae.atomic import write_file, write_text
+from mergekit_sae.evaluate.repetition import DEFAULT_N, DEFAULT_THRESHOLD
 from mergekit_sae.evolve.checkpoint import RunState
 
 REFERENCE = "sae"
@@ -24,7 +26,13 @@ REFERENCE = "sae"
 
 @dataclass(frozen=True)
 class Row:
-    """One finished run: test accuracy per task, mean, zeros, evaluations, wall time."""
+    """One finished run: test accuracy per task, mean, zeros, evaluations, wall time.
+
+    ``repetition_rate`` and ``distinct_2`` come from the final report's generation metrics
+    (None when no task generates, or the evaluator does not measure them);
+    ``calibration_passes`` counts the forward plus backward passes of calibration runs
+    (``scf_rkl_functional``'s importance pass), which are not fitness evaluations.
+    """
 
     method: str
     seed: int
@@ -33,11 +41,15 @@ class Row:
     zeros: float
     evaluations: int
     wall_s: float
+    repetition_rate: float | None = None
+    distinct_2: float | None = None
+    calibration_passes: int = 0
 
 
 def run_row(method: str, seed: int, state: RunState, wall_s: float) -> Row:
     """The row of a finished run, from its final report (the search's answer)."""
     final = next(r for r in state.results if r.kind == "evolved")
+    generation = final.generation or {}
     return Row(
         method=method,
         seed=seed,
@@ -46,14 +58,33 @@ def run_row(method: str, seed: int, state: RunState, wall_s: float) -> Row:
         zeros=final.zero_fraction,
         evaluations=state.evaluations,
         wall_s=wall_s,
+        repetition_rate=generation.get("repetition_rate"),
+        distinct_2=generation.get("distinct_2"),
+        calibration_passes=calibration_passes(state),
     )
 
 
+def calibration_passes(state: RunState) -> int:
+    """Forward plus backward calibration passes noted in the run's history."""
+    total = 0
+    for record in state.history:
+        passes = (record.info.get("calibration") or {}).get("calibration_passes") or {}
+        total += int(passes.get("forward", 0)) + int(passes.get("backward", 0))
+    return total
+
+
+def optional(value: float | None, digits: int = 6) -> str:
+    """A metric with fixed digits, or an empty cell when it was not measured."""
+    return "" if value is None else f"{value:.{digits}f}"
+
+
 def csv_text(rows: Sequence[Row], tasks: Sequence[str]) -> str:
-    """``results.csv``: method, seed, each task, mean, zeros, evaluations, wall_s."""
+    """``results.csv``: method, seed, each task, mean, zeros, repetition_rate, distinct_2,
+    evaluations, calibration_passes, wall_s (an unmeasured metric is an empty cell)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["method", "seed", *tasks, "mean", "zeros", "evaluations", "wall_s"])
+    header = ["method", "seed", *tasks, "mean", "zeros", "repetition_rate", "distinct_2"]
+    writer.writerow([*header, "evaluations", "calibration_passes", "wall_s"])
     for row in rows:
         writer.writerow(
             [
@@ -62,7 +93,10 @@ def csv_text(rows: Sequence[Row], tasks: Sequence[str]) -> str:
                 *(f"{row.scores[t]:.6f}" for t in tasks),
                 f"{row.mean:.6f}",
                 f"{row.zeros:.6f}",
+                optional(row.repetition_rate),
+                optional(row.distinct_2),
                 row.evaluations,
+                row.calibration_passes,
                 f"{row.wall_s:.1f}",
             ]
         )
@@ -93,7 +127,8 @@ def by_method(rows: Sequence[Row]) -> dict[str, list[Row]]:
 
 def method_table(rows: Sequence[Row], tasks: Sequence[str]) -> str:
     """Per method: each task and the mean (mean +- std over seeds), zeros, evaluations, wall."""
-    header = ["method", *tasks, "mean", "zeros %", "evaluations", "wall s", "seeds"]
+    header = ["method", *tasks, "mean", "zeros %", "repetition %", "distinct-2"]
+    header += ["evaluations", "calibration passes", "wall s", "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, group in by_method(rows).items():
         cells = [
@@ -101,12 +136,24 @@ def method_table(rows: Sequence[Row], tasks: Sequence[str]) -> str:
             *(mean_std([r.scores[t] for r in group]) for t in tasks),
             f"**{mean_std([r.mean for r in group])}**",
             f"{100 * statistics.fmean(r.zeros for r in group):.1f}",
+            measured_mean([r.repetition_rate for r in group], percent=True),
+            measured_mean([r.distinct_2 for r in group], percent=False),
             f"{statistics.fmean(r.evaluations for r in group):.0f}",
+            f"{statistics.fmean(r.calibration_passes for r in group):.0f}",
             f"{statistics.fmean(r.wall_s for r in group):.0f}",
             str(len(group)),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def measured_mean(values: Sequence[float | None], *, percent: bool) -> str:
+    """Mean over the seeds that measured it (percent: x 100, 1 decimal; else 3 decimals)."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return "n/a"
+    mean = statistics.fmean(known)
+    return f"{100 * mean:.1f}" if percent else f"{mean:.3f}"
 
 
 def paired_p_value(differences: Sequence[float]) -> float | None:
@@ -160,7 +207,11 @@ def markdown(rows: Sequence[Row], tasks: Sequence[str], command: str, budget: in
             "scored on one step's training items, re-scoring included); one-shot merges use "
             "what they need. Test accuracy in %, mean ± std over seeds; zeros = fraction of "
             "exactly-zero elements of the final model (of its task vector when the recipe "
-            "prunes deltas).",
+            "prunes deltas); repetition = share of the final model's test generations that "
+            f"loop (a whitespace {DEFAULT_N}-gram occurring {DEFAULT_THRESHOLD} or more "
+            "times), distinct-2 = distinct "
+            "bigrams / all bigrams of those generations (n/a: no task generates); calibration "
+            "passes = forward + backward passes of a calibration run (not evaluations).",
             "",
             method_table(rows, tasks),
             "",

@@ -13,7 +13,6 @@ A finished run is never redone; an unfinished one continues from its checkpoint.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from mergekit_sae.compare.plan import RunSpec, plan_runs, run_recipe_data
 from mergekit_sae.compare.results import Row, mean_curve, run_row, write_results
 from mergekit_sae.errors import OutputFolderError, RecipeError
 from mergekit_sae.evolve.checkpoint import RunState, load_state
+from mergekit_sae.evolve.lock import clear_folder, content, lock_folder
 from mergekit_sae.evolve.recipe import load_recipe, parse_recipe
 from mergekit_sae.search.sae import SaeSearch
 
@@ -75,7 +75,7 @@ def prepare(out: Path, plan: dict[str, Any], *, resume: bool, force: bool) -> No
             )
         write_text(marker, json.dumps(plan, indent=1))
         return
-    if out.exists() and any(out.iterdir()) and not resume:
+    if content(out) and not resume:
         if not force:
             raise OutputFolderError(
                 f"{out} is not empty; pass --resume to continue the comparison in it, or "
@@ -85,7 +85,7 @@ def prepare(out: Path, plan: dict[str, Any], *, resume: bool, force: bool) -> No
             raise OutputFolderError(
                 f"{out} is not empty and holds no comparison, so --force will not delete it"
             )
-        shutil.rmtree(out)
+        clear_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     write_text(marker, json.dumps(plan, indent=1))
 
@@ -98,16 +98,23 @@ def run_one(
     source: str,
     progress: bool,
     make_evaluator: Callable | None,
+    group: str = "compare",
 ) -> tuple[RunState, float]:
-    """Run (or continue, or just read) one planned run; return its state and wall seconds."""
+    """Run (or continue, or just read) one planned run; return its state and wall seconds.
+
+    A tracked run logs as ``<method>/seed<k>`` in W&B group ``group`` (TensorBoard: under
+    the recipe's log directory in ``<method>/seed<k>``), so the runs overlay.
+    """
     from mergekit_sae.evolve.runner import run
+    from mergekit_sae.evolve.tracking import comparison_tracking
 
     wall_path = folder / WALL_FILE
     wall = json.loads(wall_path.read_text())["seconds"] if wall_path.is_file() else 0.0
     state = load_state(folder) if folder.is_dir() else None
     if state is not None and state.finished:
         return state, wall
-    recipe = parse_recipe(run_recipe_data(base, spec, budget), f"{source} [{spec.method}]")
+    data = comparison_tracking(run_recipe_data(base, spec, budget), spec.folder, group)
+    recipe = parse_recipe(data, f"{source} [{spec.method}]")
     start = time.perf_counter()
     state = run(
         recipe, folder, source=source, resume=True, progress=progress, make_evaluator=make_evaluator
@@ -144,16 +151,24 @@ def compare(
         "sweeps": [[path, values] for path, values in comparison.sweeps],
         "command": comparison.command,
     }
-    prepare(out, plan, resume=resume, force=force)
-    rows, states = [], {}
-    for spec in tqdm(runs, desc="compare", unit="run", disable=not progress):
-        state, wall = run_one(
-            spec, base, budget, out / spec.folder, source, progress, make_evaluator
-        )
-        rows.append(run_row(spec.method, spec.seed, state, wall))
-        states.setdefault(spec.method, []).append(state)
-    curves = {m: mean_curve(s) for m, s in states.items() if any(x.history for x in s)}
-    curves = {m: c for m, c in curves.items() if len(c) > 1}
-    tasks = [task.name for task in recipe.tasks]
-    write_results(out, rows, tasks, comparison.command, budget, curves)
+    with lock_folder(out, "comparison"):  # each run also locks its own folder
+        prepare(out, plan, resume=resume, force=force)
+        rows, states = [], {}
+        for spec in tqdm(runs, desc="compare", unit="run", disable=not progress):
+            state, wall = run_one(
+                spec,
+                base,
+                budget,
+                out / spec.folder,
+                source,
+                progress,
+                make_evaluator,
+                group=out.resolve().name,
+            )
+            rows.append(run_row(spec.method, spec.seed, state, wall))
+            states.setdefault(spec.method, []).append(state)
+        curves = {m: mean_curve(s) for m, s in states.items() if any(x.history for x in s)}
+        curves = {m: c for m, c in curves.items() if len(c) > 1}
+        tasks = [task.name for task in recipe.tasks]
+        write_results(out, rows, tasks, comparison.command, budget, curves)
     return rows

@@ -21,14 +21,23 @@ def load_jsonl(path: str | Path, task_type: str | None = None) -> list[dict[str,
     if not path.is_file():
         raise TaskDataError(f"task data file {path} does not exist")
     items = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TaskDataError(
+                    f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                    f"{e.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as e:
                 raise TaskDataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+            except RecursionError:
+                raise TaskDataError(f"{path}:{lineno}: JSON nested too deeply") from None
             if task_type is not None:
                 problem = item_problem(item, task_type)
                 if problem:

@@ -7,9 +7,12 @@ documents are scored. Per-item scores are read from lm-eval's logged samples.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Sequence
+import os
+import subprocess
+from collections.abc import Iterator, Sequence
 from functools import cache
 from typing import Any
 
@@ -98,19 +101,20 @@ class LmEvalTask(Task):
 
         spec = self.spec
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        return lm_eval.simple_evaluate(
-            model=lm,
-            tasks=sorted(samples),
-            num_fewshot=spec.num_fewshot,
-            samples=samples,
-            apply_chat_template=spec.apply_chat_template,
-            task_manager=self.task_manager(sorted(samples)),
-            log_samples=True,
-            bootstrap_iters=0,
-            random_seed=None,  # leave the caller's global random state alone
-            numpy_random_seed=None,
-            torch_random_seed=None,
-        )
+        with quiet_git_hash():
+            return lm_eval.simple_evaluate(
+                model=lm,
+                tasks=sorted(samples),
+                num_fewshot=spec.num_fewshot,
+                samples=samples,
+                apply_chat_template=spec.apply_chat_template,
+                task_manager=self.task_manager(sorted(samples)),
+                log_samples=True,
+                bootstrap_iters=0,
+                random_seed=None,  # leave the caller's global random state alone
+                numpy_random_seed=None,
+                torch_random_seed=None,
+            )
 
     def _leaf_tasks(self, name: str) -> dict[str, Any]:
         """The leaf lm-eval Task objects of a task or group name, by task name."""
@@ -156,6 +160,35 @@ class LmEvalTask(Task):
             if leaf in leaves:
                 return leaves[leaf]
         return self._leaf_tasks(leaf)[leaf]
+
+
+def git_commit_hash() -> str | None:
+    """lm-eval's ``get_git_commit_hash`` with git's stderr discarded (same result).
+
+    lm-eval records the commit of the current directory in its results by running
+    ``git describe``, whose ``fatal: not a git repository`` would reach the terminal.
+    """
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    try:
+        command = ["git", "describe", "--always"]
+        output = subprocess.check_output(command, stderr=subprocess.DEVNULL)  # noqa: S607
+        return output.strip().decode()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return get_commit_from_path(os.getcwd())
+
+
+@contextlib.contextmanager
+def quiet_git_hash() -> Iterator[None]:
+    """Use :func:`git_commit_hash` in lm-eval's evaluator for the block (restored after)."""
+    import lm_eval.evaluator as evaluator
+
+    original = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = git_commit_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
 
 
 def _limited(n_docs: int, spec: TaskSpec) -> int:

@@ -27,9 +27,36 @@ def silence_progress_bars() -> None:
     default=None,
     help="Stop once this step is checkpointed (continue later with --resume).",
 )
+@click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Accept pickle weights (.bin, .pt, .pth), which can run code when loaded "
+    "(as recipe field allow_pickle: true).",
+)
+@click.option(
+    "--tensorboard",
+    metavar="DIR",
+    default=None,
+    help="Log every step to TensorBoard in DIR (as recipe field tracking.tensorboard).",
+)
+@click.option(
+    "--wandb",
+    "wandb_project",
+    metavar="PROJECT",
+    default=None,
+    help="Log every step to the Weights & Biases project PROJECT (as tracking.wandb.project).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars and no summary.")
 def evolve(
-    recipe: Path, out: Path, resume: bool, force: bool, stop_after: int | None, quiet: bool
+    recipe: Path,
+    out: Path,
+    resume: bool,
+    force: bool,
+    stop_after: int | None,
+    allow_pickle: bool,
+    tensorboard: str | None,
+    wandb_project: str | None,
+    quiet: bool,
 ) -> None:
     """Evolve a merge of the recipe's models into OUT (model, recipe, history, plots, card)."""
     from mergekit_sae.evolve.recipe import load_recipe
@@ -41,6 +68,12 @@ def evolve(
     if quiet:
         silence_progress_bars()
     parsed = load_recipe(recipe)
+    if allow_pickle:
+        parsed = parsed.model_copy(update={"allow_pickle": True})
+    if tensorboard is not None or wandb_project is not None:
+        from mergekit_sae.evolve.tracking import with_tracking
+
+        parsed = with_tracking(parsed, tensorboard, wandb_project)
     state = run(
         parsed,
         out,

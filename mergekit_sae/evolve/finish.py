@@ -2,8 +2,10 @@
 
 The best member (highest fitness on the last step's subsample) is scored on each task's test
 split, together with the reference models the recipe asks for (the dense parents, a linear
-50/50 merge streamed into the scoring model). Its weights, configuration and the first
-parent's tokenizer replace the model files in OUT/ as one set (``atomic.replace_files``).
+50/50 merge streamed into the scoring model); the best member's row also carries the
+generation metrics of its test outputs when the evaluator measures them. Its weights,
+configuration and the first parent's tokenizer replace the model files in OUT/ as one set
+(``atomic.replace_files``).
 """
 
 from __future__ import annotations
@@ -231,7 +233,14 @@ def finish(ctx: RunContext, state: RunState) -> RunState:
     best = chosen_member(ctx, state, on_front)
     cache = work_dir(ctx.out) / REBUILT_DIR
     shutil.rmtree(cache, ignore_errors=True)
-    rebuilder = run_rebuilder(state.members, ctx.out, cache, ctx.recipe, ctx.device)
+    rebuilder = run_rebuilder(
+        state.members,
+        ctx.out,
+        cache,
+        prune_target=ctx.recipe.merge.prune_target,
+        shard_size=ctx.shard_size,
+        device=ctx.device,
+    )
     best_dir = rebuilder.path(best.id)
     start = time.perf_counter()
     faults.point("finish.report")

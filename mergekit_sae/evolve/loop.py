@@ -27,8 +27,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from mergekit_sae import faults
 from mergekit_sae.evaluate import subsample
 from mergekit_sae.evolve.checkpoint import RunState, population_dir, save_state
+from mergekit_sae.evolve.executor import executor_for
 from mergekit_sae.evolve.merging import DEFAULT_SHARD_SIZE, MergeOutcome, model_stats, stream_merge
 from mergekit_sae.evolve.population import (
     Member,
@@ -38,6 +40,7 @@ from mergekit_sae.evolve.population import (
     member_id,
     performance,
 )
+from mergekit_sae.evolve.profiling import peak_rss_mib, reset_peak_rss, rss_mib
 from mergekit_sae.evolve.recipe import Recipe
 from mergekit_sae.evolve.scoring import Evaluator
 from mergekit_sae.search import search_class
@@ -70,6 +73,8 @@ class RunContext:
     progress: bool = True
     shard_size: int = DEFAULT_SHARD_SIZE
     search: Search = field(default=None)  # type: ignore[assignment]
+    tracker: Any = None  # a tracking.Tracker: logs every checkpointed step (None: no tracking)
+    executor: Any = None  # the parallel executor, made on first use (None: serial scoring)
 
     def __post_init__(self) -> None:
         if self.search is None:
@@ -132,8 +137,11 @@ def mean_scores(item_scores: Mapping[str, Sequence[float]]) -> dict[str, float]:
     return {task: float(sum(values) / len(values)) for task, values in item_scores.items()}
 
 
-def merge_member(ctx: RunContext, state: RunState, member: Member, *, sink: bool) -> MergeOutcome:
-    """Stream the merge a member's record describes into its directory (and the evaluator)."""
+def merge_member(
+    ctx: RunContext, state: RunState, member: Member, *, sink: bool, receive: Any = None
+) -> MergeOutcome:
+    """Stream the merge a member's record describes into its directory (and, with ``sink``,
+    into the evaluator: through ``receive`` when given, else ``ctx.evaluator.receive``)."""
     assert member.merge is not None
     inputs = []
     for item in member.merge.inputs:
@@ -150,7 +158,7 @@ def merge_member(ctx: RunContext, state: RunState, member: Member, *, sink: bool
         base,
         member_dir(member, ctx.out),
         device=ctx.device,
-        sink=ctx.evaluator.receive if sink else None,
+        sink=(receive or ctx.evaluator.receive) if sink else None,
         shard_size=ctx.shard_size,
         stats_base=ctx.base if ctx.recipe.merge.prune_target == "delta" else None,
     )
@@ -187,7 +195,7 @@ class StepDriver:
         self.step = step
         self.items = training_subsample(ctx, step) if step > 0 else {}
         self.bar = bar
-        self.seconds = {"merge": 0.0, "write": 0.0, "score": 0.0}
+        self.seconds = {"merge": 0.0, "write": 0.0, "load": 0.0, "score": 0.0}
         self.notes: dict[str, Any] = {}
         self.scored: list[str] = []
 
@@ -216,6 +224,13 @@ class StepDriver:
     def dtype(self) -> str:
         return self.ctx.dtype
 
+    @property
+    def run_dir(self) -> Path:
+        return self.ctx.out
+
+    def model_dir(self, member: str) -> Path:
+        return member_dir(self.state.members[member], self.ctx.out)
+
     def rng(self, *labels: object) -> random.Random:
         return random.Random(derive_seed(self.ctx.recipe.seed, *labels))
 
@@ -229,19 +244,14 @@ class StepDriver:
             if self.step == 0:
                 raise ValueError("candidates can be scored only inside a step")
             proposals = list(proposals)[: self.affordable(len(proposals))]
+        executor = executor_for(self.ctx) if score else None
+        if executor is not None:  # merge all to disk, then score them in parallel
+            members = [self._merged(proposal, sink=False) for proposal in proposals]
+            self.scored.extend(member.id for member in members)
+            return self._score_parallel(executor, members)
         results = []
         for proposal in proposals:
-            member = new_member(
-                self.state,
-                origin=proposal.origin,
-                inputs=list(proposal.inputs),
-                merge=proposal.merge,
-                born=self.step,
-                label=proposal.label,
-            )
-            outcome = merge_member(self.ctx, self.state, member, sink=score)
-            self.seconds["merge"] += outcome.seconds["merge"]
-            self.seconds["write"] += outcome.seconds["write"]
+            member = self._merged(proposal, sink=score)
             if score:
                 results.append(self._score(member))
                 self.scored.append(member.id)
@@ -249,23 +259,64 @@ class StepDriver:
                 results.append(Result(member=member))
         return results
 
+    def _merged(self, proposal: Proposal, *, sink: bool) -> Member:
+        """Record a proposal as a new member and stream its merge (into the evaluator with
+        ``sink``); the copies into the evaluator count as ``load``, not ``merge``."""
+        member = new_member(
+            self.state,
+            origin=proposal.origin,
+            inputs=list(proposal.inputs),
+            merge=proposal.merge,
+            born=self.step,
+            label=proposal.label,
+        )
+        loaded = self.seconds["load"]
+        outcome = merge_member(self.ctx, self.state, member, sink=sink, receive=self._receive)
+        self.seconds["merge"] += outcome.seconds["merge"] - (self.seconds["load"] - loaded)
+        self.seconds["write"] += outcome.seconds["write"]
+        return member
+
+    def _receive(self, name: str, tensor: Any) -> None:
+        """Hand one merged tensor to the evaluator, timed as ``load``."""
+        start = time.perf_counter()
+        self.ctx.evaluator.receive(name, tensor)
+        self.seconds["load"] += time.perf_counter() - start
+
     def rescore(self, ids: Sequence[str]) -> list[Result]:
         if self.step == 0:
             raise ValueError("members can be scored only inside a step")
+        members = [self.state.members[i] for i in list(ids)[: self.affordable(len(ids))]]
+        executor = executor_for(self.ctx)
+        if executor is not None:
+            return self._score_parallel(executor, members)
         results = []
-        for identifier in list(ids)[: self.affordable(len(ids))]:
-            member = self.state.members[identifier]
+        for member in members:
             start = time.perf_counter()
             self.ctx.evaluator.load(member_dir(member, self.ctx.out))
-            self.seconds["score"] += time.perf_counter() - start
+            self.seconds["load"] += time.perf_counter() - start
             results.append(self._score(member))
         return results
 
+    def _score_parallel(self, executor: Any, members: Sequence[Member]) -> list[Result]:
+        """Score members stored on disk on the executor's workers; apply in the given order."""
+        if not members:
+            return []
+        faults.point("score")
+        start = time.perf_counter()
+        scores = executor.score([member_dir(m, self.ctx.out) for m in members], self.items)
+        self.seconds["score"] += time.perf_counter() - start
+        return [self._apply(m, s) for m, s in zip(members, scores, strict=True)]
+
     def _score(self, member: Member) -> Result:
         """Score the evaluator's current candidate on the step's items as ``member``."""
+        faults.point("score")
         start = time.perf_counter()
         item_scores = {k: list(v) for k, v in self.ctx.evaluator.score_items(self.items).items()}
         self.seconds["score"] += time.perf_counter() - start
+        return self._apply(member, item_scores)
+
+    def _apply(self, member: Member, item_scores: dict[str, list[float]]) -> Result:
+        """Record a member's per-item scores as one fitness evaluation."""
         apply_scores(member, mean_scores(item_scores), self.step, self.ctx.recipe)
         self.state.evaluations += 1
         if self.bar is not None:
@@ -301,13 +352,25 @@ def initial_population(ctx: RunContext) -> RunState:
 def run_step(ctx: RunContext, state: RunState, step: int) -> StepRecord:
     """Run one step of the search on the state (in place) and return its history record."""
     bar = tqdm(desc=f"step {step}", unit="model", leave=False, disable=not ctx.progress)
+    profile = getattr(ctx.recipe, "profile", False)
+    if profile:
+        reset_peak_rss()
     driver = StepDriver(ctx, state, step, bar)
     before = list(state.population)
     ctx.search.step(driver, step)
     bar.close()
     state.population = ctx.search.keep()
     state.search = ctx.search.state.model_dump(mode="json")
-    return step_record(ctx, state, driver, before)
+    record = step_record(ctx, state, driver, before)
+    if profile:  # recipe `profile: true` / `--profile`: memory and per-model times
+        made = max(1, len(driver.scored))
+        record.info["profile"] = {
+            "peak_rss_mib": round(peak_rss_mib(), 1),
+            "rss_mib": round(rss_mib(), 1),
+            "models_scored": len(driver.scored),
+            "seconds_per_model": {k: v / made for k, v in driver.seconds.items()},
+        }
+    return record
 
 
 def step_record(
@@ -376,16 +439,21 @@ def evolve(
 
     ``state`` is a loaded checkpoint to continue from (None: start afresh); the search's
     state is restored from it. ``stop_after`` stops once that step is checkpointed (for
-    tests and partial runs); ``on_checkpoint`` is called after each checkpoint is written.
+    tests and partial runs); ``on_checkpoint`` is called after each checkpoint is written,
+    and ``ctx.tracker`` (when set) logs each checkpointed step.
     """
     if state is None:
         ctx.search = build_search(ctx.recipe)
         state = initial_population(ctx)
+        if ctx.tracker:
+            ctx.tracker.start(state)
         save_state(ctx.out, state)
         if on_checkpoint:
             on_checkpoint(state)
     else:
         ctx.search = build_search(ctx.recipe, state.search)
+        if ctx.tracker:
+            ctx.tracker.start(state)
     last = ctx.recipe.steps if stop_after is None else min(stop_after, ctx.recipe.steps)
     total = ctx.recipe.budget or ctx.recipe.steps
     unit = "evaluation" if ctx.recipe.budget else "step"
@@ -399,6 +467,8 @@ def evolve(
             state.history.append(record)
             state.step = step
             save_state(ctx.out, state)
+            if ctx.tracker:
+                ctx.tracker.checkpointed(state)
             if on_checkpoint:
                 on_checkpoint(state)
             if record.best_fitness is not None:

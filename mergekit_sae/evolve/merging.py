@@ -21,12 +21,14 @@ from pathlib import Path
 import torch
 from mergekit.io import LazyTensorLoader, ShardedTensorIndex, TensorWriter
 
+from mergekit_sae import faults
 from mergekit_sae.atomic import atomic_dir, fsync_dir, publish_dir
 from mergekit_sae.dtypes import DTYPES, dtype_name, known_dtype_name, torch_dtype
 from mergekit_sae.errors import MergeInputError
 from mergekit_sae.evolve.per_tensor import resolve_parameters
 from mergekit_sae.evolve.population import MergeRecord
 from mergekit_sae.sparsity import EMPTY_STATS, SparsityStats, sparsity_stats
+from mergekit_sae.weight_files import check_model_files
 
 TensorSink = Callable[[str, torch.Tensor], None]
 
@@ -55,11 +57,21 @@ def register_methods() -> None:
 
 
 def open_model(path: Path) -> LazyTensorLoader:
-    """A lazy loader over a model directory's safetensors (or .bin) shards."""
+    """A lazy loader over a model directory's safetensors (or .bin) shards.
+
+    The weight files are verified first (:func:`~mergekit_sae.weight_files.check_model_files`:
+    headers against file sizes), so a truncated or corrupt file fails as one MergeInputError
+    naming it. Pickle weights pass here: whether they are allowed is decided when the run's
+    inputs are resolved.
+    """
+    check_model_files(path, allow_pickle=True)
     try:
         return LazyTensorLoader(ShardedTensorIndex.from_disk(str(path)))
-    except (RuntimeError, FileNotFoundError) as error:
-        raise MergeInputError(f"{path}: no model weights found ({error})") from error
+    except Exception as error:
+        raise MergeInputError(
+            f"{path}: the model weights cannot be read ({type(error).__name__}: {error})",
+            file=path,
+        ) from error
 
 
 def tensor_names(loaders: Sequence[LazyTensorLoader], paths: Sequence[Path]) -> list[str]:
@@ -234,10 +246,12 @@ def stream_merge(
             middle = time.perf_counter()
             if writer is not None:
                 writer.save_tensor(name, merged.to("cpu"))
+            faults.point("merge.tensor")
             outcome.seconds["merge"] += middle - start
             outcome.seconds["write"] += time.perf_counter() - middle
         start = time.perf_counter()
         if writer is not None and tmp_dir is not None:
+            faults.point("merge.finalize")
             writer.finalize()
             copy_config(inputs[0], tmp_dir)
     outcome.seconds["write"] += time.perf_counter() - start

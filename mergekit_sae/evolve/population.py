@@ -160,6 +160,10 @@ class TestResult(BaseModel):
     ``kind`` is ``evolved`` (the best member), ``parent`` (a dense parent) or ``baseline``
     (a static merge of the parents, such as ``linear``); ``model`` names it (member id, model
     path or Hub id, or the baseline method); ``mean`` is the task-weighted mean of ``scores``.
+    ``generation`` (the evolved row, when the evaluator can measure it) holds the stability
+    metrics of the generation tasks' test outputs, pooled: ``repetition_rate``,
+    ``distinct_1``, ``distinct_2`` (see :mod:`mergekit_sae.evaluate.repetition`) and the
+    number of ``generations``; None when there are none.
     """
 
     __test__ = False  # not a pytest class
@@ -171,6 +175,7 @@ class TestResult(BaseModel):
     mean: float
     sparsity: float
     zero_fraction: float
+    generation: dict[str, float] | None = None
 
 
 def member_dir(member: Member, out: str | Path) -> Path:

@@ -2,15 +2,28 @@
 
 Only the publishable part of OUT/ goes up: hidden entries (the ``.work/`` checkpoints, temporary
 files of atomic writes) are left out, so a run folder can be published as it is.
+
+The lineage (``mergekit_config.yml``) and the card of a run on local folders name those folders,
+which nobody else can rebuild from. Publishing maps each local model to a Hub id (``--parent-id
+LOCAL=owner/name``, else the ``_name_or_path`` of the folder's ``config.json`` when that is a Hub
+id), uploads the card and lineage rewritten with the ids (OUT/ itself is left as it is), and
+refuses a lineage that still names a local path unless ``--allow-local-paths``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
+import yaml
 
 from mergekit_sae.errors import PublishError
 
@@ -19,6 +32,8 @@ from mergekit_sae.errors import PublishError
 EXCLUDE_PATTERNS: tuple[str, ...] = (".*", "*/.*")
 DEFAULT_COMMIT_MESSAGE = "Upload SAE-evolved model (mergekit-sae)"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+RECIPE_FILE = "mergekit_config.yml"
+CARD_FILE = "README.md"
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,162 @@ def format_listing(files: Sequence[UploadFile]) -> str:
     return "\n".join(lines)
 
 
+def is_local_reference(reference: str) -> bool:
+    """Whether a recipe's model reference is a local path rather than a Hub id."""
+    from mergekit_sae.evolve.recipe import looks_like_path
+
+    return looks_like_path(reference) or Path(reference).expanduser().is_dir()
+
+
+def lineage_references(recipe_text: str) -> list[str]:
+    """The models a lineage file names (``models[].model``, ``base_model``), stages excluded."""
+    documents = [doc for doc in yaml.safe_load_all(recipe_text) if isinstance(doc, dict)]
+    stages = {doc["name"] for doc in documents if "name" in doc}
+    found: list[str] = []
+    for doc in documents:
+        names = [m.get("model") if isinstance(m, dict) else m for m in doc.get("models") or []]
+        names.append(doc.get("base_model"))
+        for name in names:
+            if isinstance(name, str) and name not in stages and name not in found:
+                found.append(name)
+    return found
+
+
+def same_path(first: str, second: str) -> bool:
+    """Whether two path spellings name the same place (``./a``, ``a``, its absolute path)."""
+    return Path(first).expanduser().absolute().resolve() == (
+        Path(second).expanduser().absolute().resolve()
+    )
+
+
+def own_hub_id(reference: str) -> str | None:
+    """The Hub id a local model folder's ``config.json`` records as ``_name_or_path``."""
+    try:
+        config = json.loads((Path(reference).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = config.get("_name_or_path") if isinstance(config, dict) else None
+    if isinstance(name, str) and name and not is_local_reference(name):
+        return name
+    return None
+
+
+def parent_ids(references: Sequence[str], explicit: Mapping[str, str]) -> dict[str, str]:
+    """Hub ids of the local references: the explicit mapping first, then ``_name_or_path``."""
+    mapping = {}
+    for reference in references:
+        if not is_local_reference(reference):
+            continue
+        given = [hub for local, hub in explicit.items() if same_path(local, reference)]
+        hub_id = given[0] if given else own_hub_id(reference)
+        if hub_id is not None:
+            mapping[reference] = hub_id
+    return mapping
+
+
+def rewrite_recipe(recipe_text: str, mapping: Mapping[str, str]) -> str:
+    """The lineage file with mapped model references (its header comment kept)."""
+    from mergekit_sae.evolve.reproduce import render_recipe
+
+    documents = [doc for doc in yaml.safe_load_all(recipe_text) if isinstance(doc, dict)]
+    for doc in documents:
+        for entry in doc.get("models") or []:
+            if isinstance(entry, dict) and entry.get("model") in mapping:
+                entry["model"] = mapping[entry["model"]]
+        if doc.get("base_model") in mapping:
+            doc["base_model"] = mapping[doc["base_model"]]
+    return render_recipe(documents)
+
+
+def spellings(reference: str) -> list[str]:
+    """How a card may spell a local reference: as written, and without a leading ``./``."""
+    return sorted({reference, reference.removeprefix("./")}, key=len, reverse=True)
+
+
+def rewrite_card(card: str, old_recipe: str, new_recipe: str, mapping: Mapping[str, str]) -> str:
+    """The card with the new recipe, mapped model names, and the ids in ``base_model``."""
+    text = card.replace(old_recipe.rstrip(), new_recipe.rstrip())
+    for reference, hub_id in mapping.items():
+        for spelling in spellings(reference):
+            pattern = r"(?<![\w./~-])" + re.escape(spelling) + r"(?![\w/-]|\.\w)"
+            text = re.sub(pattern, hub_id, text)
+    match = re.match(r"---\n(.*?)\n---\n", text, flags=re.DOTALL)
+    if match is None:
+        return text
+    data = yaml.safe_load(match.group(1)) or {}
+    known = data.get("base_model") or []
+    known = [known] if isinstance(known, str) else list(known)
+    data["base_model"] = list(dict.fromkeys([*known, *mapping.values()]))
+    front = yaml.safe_dump(data, sort_keys=False).rstrip()
+    return f"---\n{front}\n---\n" + text[match.end() :]
+
+
+def publish_rewrites(
+    folder: Path, explicit: Mapping[str, str], *, allow_local: bool
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Map the lineage's local models to Hub ids; return (mapping, rewritten files by name).
+
+    Raises PublishError naming the references still local, unless ``allow_local``.
+    """
+    recipe_path = folder / RECIPE_FILE
+    if not recipe_path.is_file():
+        return {}, {}
+    recipe_text = recipe_path.read_text(encoding="utf-8")
+    references = lineage_references(recipe_text)
+    mapping = parent_ids(references, explicit)
+    local = [r for r in references if is_local_reference(r) and r not in mapping]
+    if local and not allow_local:
+        raise PublishError(
+            f"{recipe_path} names local paths ({', '.join(local)}), so the published lineage "
+            "could not be rebuilt by anyone else; map each to its Hub id with "
+            "--parent-id LOCAL=owner/name (or record it as _name_or_path in its config.json), "
+            "or pass --allow-local-paths to publish them as they are",
+            file=recipe_path,
+        )
+    if not mapping:
+        return {}, {}
+    new_recipe = rewrite_recipe(recipe_text, mapping)
+    files = {RECIPE_FILE: new_recipe}
+    card_path = folder / CARD_FILE
+    if card_path.is_file():
+        card = card_path.read_text(encoding="utf-8")
+        files[CARD_FILE] = rewrite_card(card, recipe_text, new_recipe, mapping)
+    return mapping, files
+
+
+@contextlib.contextmanager
+def staged_folder(
+    folder: Path, files: Sequence[UploadFile], texts: Mapping[str, str]
+) -> Iterator[Path]:
+    """A temporary copy of the upload (hard links where possible) with ``texts`` replaced."""
+    with tempfile.TemporaryDirectory(prefix=".publish-", dir=folder.parent) as tmp:
+        staged = Path(tmp) / folder.name
+        for item in files:
+            target = staged / item.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if item.path in texts:
+                target.write_text(texts[item.path], encoding="utf-8")
+                continue
+            try:
+                os.link(folder / item.path, target)
+            except OSError:
+                shutil.copy2(folder / item.path, target)
+        yield staged
+
+
+def parse_parent_ids(values: Sequence[str]) -> dict[str, str]:
+    """``LOCAL=owner/name`` options as a mapping; BadParameter on a malformed one."""
+    mapping = {}
+    for value in values:
+        local, sep, hub_id = value.partition("=")
+        if not sep or not local or hub_id.count("/") != 1 or not all(hub_id.split("/")):
+            raise click.BadParameter(
+                f"{value!r} is not of the form LOCAL=owner/name", param_hint="--parent-id"
+            )
+        mapping[local] = hub_id
+    return mapping
+
+
 def upload(
     folder: Path,
     repo_id: str,
@@ -110,20 +281,45 @@ def upload(
 @click.option("--dry-run", is_flag=True, help="List the files that would be uploaded; no network.")
 @click.option("--token", default=None, help="Hub token (default: HF_TOKEN or the cached login).")
 @click.option("--commit-message", default=DEFAULT_COMMIT_MESSAGE, show_default=True)
+@click.option(
+    "--parent-id",
+    "parent_id",
+    multiple=True,
+    metavar="LOCAL=OWNER/NAME",
+    help="Hub id of a local model the lineage names (repeatable).",
+)
+@click.option(
+    "--allow-local-paths",
+    is_flag=True,
+    help="Publish a lineage that still names local paths (nobody else can rebuild it).",
+)
 def publish(
-    out: Path, repo_id: str, private: bool, dry_run: bool, token: str | None, commit_message: str
+    out: Path,
+    repo_id: str,
+    private: bool,
+    dry_run: bool,
+    token: str | None,
+    commit_message: str,
+    parent_id: tuple[str, ...],
+    allow_local_paths: bool,
 ) -> None:
     """Upload the evolved model in OUT/ (weights, tokenizer, card, recipe, plots) to the Hub."""
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise click.BadParameter(
             f"{repo_id!r} is not of the form USER/NAME", param_hint="--repo-id"
         )
+    explicit = parse_parent_ids(parent_id)
     check_publishable(out)
     files = upload_files(out)
+    mapping, texts = publish_rewrites(out, explicit, allow_local=allow_local_paths)
+    for local, hub_id in mapping.items():
+        click.echo(f"lineage: {local} -> {hub_id}")
     if dry_run:
         visibility = "private" if private else "public"
         click.echo(f"Dry run: would upload to {repo_id} ({visibility}):")
         click.echo(format_listing(files))
         return
-    url = upload(out, repo_id, private=private, token=token, commit_message=commit_message)
+    with contextlib.ExitStack() as stack:
+        folder = stack.enter_context(staged_folder(out, files, texts)) if texts else out
+        url = upload(folder, repo_id, private=private, token=token, commit_message=commit_message)
     click.echo(f"Uploaded {len(files)} files to https://huggingface.co/{repo_id} ({url})")

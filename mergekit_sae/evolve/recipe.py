@@ -29,7 +29,16 @@ from mergekit_sae.evaluate import TaskSpec
 
 Dtype = DtypeName
 Baseline = Literal["parents", "linear"]
-__all__ = ["Dtype", "Baseline", "RecipeError", "Recipe", "MergeSettings", "Schedule"]
+__all__ = [
+    "Dtype",
+    "Baseline",
+    "RecipeError",
+    "Recipe",
+    "MergeSettings",
+    "Schedule",
+    "TrackingSettings",
+    "WandbSettings",
+]
 
 
 class EvolveTask(TaskSpec):
@@ -66,12 +75,70 @@ class MergeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    method: Literal["sae_evolve", "scf_rkl"] = Field(
+        "sae_evolve",
+        description="the SAE search's offspring operator: sae_evolve (eq. 5), or scf_rkl with "
+        "the fitter parent as anchor and fused density = the schedule's rate",
+    )
     sparsity_weight: NonNegative = Field(1.0, description="beta of omega = beta * rho")
     sparsity_measure: SparsityMeasure = "zero_count"
     sparsity_scope: SparsityScope = "global"
     prune_target: PruneTarget = "weights"
     redense: Redense = "parents"
     renormalize: bool = True
+
+
+class WandbSettings(BaseModel):
+    """Where a run is tracked in Weights & Biases (``wandb.init`` arguments)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project: str = Field(min_length=1, description="the W&B project")
+    entity: str | None = Field(None, description="the W&B user or team (None: your default)")
+    mode: Literal["online", "offline"] = Field(
+        "online", description="offline: write the run locally, upload later with `wandb sync`"
+    )
+    group: str | None = Field(None, description="runs to overlay (compare sets the comparison)")
+    name: str | None = Field(None, description="the run's name (None: the output folder's name)")
+
+
+class TrackingSettings(BaseModel):
+    """Live tracking of every step: a TensorBoard log directory, a W&B run, or both."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tensorboard: str | None = Field(None, description="TensorBoard log directory")
+    wandb: WandbSettings | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any tracking backend is asked for."""
+        return self.tensorboard is not None or self.wandb is not None
+
+
+class ExecutorSettings(BaseModel):
+    """Where candidates are scored: ``serial`` in the driver, or ``ray`` on Ray actors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["serial", "ray"] = Field("serial", description="serial or ray")
+    address: str | None = Field(
+        None, description="Ray cluster address (None: the cluster joined, or a local one)"
+    )
+    workers: int | None = Field(
+        None, ge=1, description="actors (None: one per GPU share, or per cpus_per_worker CPUs)"
+    )
+    gpus_per_worker: float = Field(0.0, ge=0.0, description="GPUs each actor reserves")
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs each actor reserves")
+    transfer: Literal["path", "object_store"] = Field(
+        "path", description="weights by path (a store all workers see) or the Ray object store"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        """``executor: ray`` is short for ``executor: {kind: ray}``."""
+        return {"kind": data} if isinstance(data, str) else data
 
 
 class Recipe(BaseModel):
@@ -102,6 +169,38 @@ class Recipe(BaseModel):
     )
     shard_size: int = Field(5 * 1000**3, ge=1, description="bytes per safetensors shard")
     keep_population: bool = Field(False, description="keep members' weights after the run")
+    executor: ExecutorSettings = Field(
+        default_factory=ExecutorSettings,
+        exclude=True,  # changes where scores are computed, never their values: resumable
+        description="where candidates are scored (serial, or ray with its settings)",
+    )
+    profile: bool = Field(
+        False, exclude=True, description="record peak memory and per-member times per step"
+    )
+    allow_pickle: bool = Field(
+        False,
+        description="accept pickle weights (.bin, .pt, .pth), which can run code when loaded",
+    )
+    trust_remote_code: bool = Field(
+        False, description="let transformers run the model repository's own Python code"
+    )
+    tracking: TrackingSettings = Field(
+        default_factory=TrackingSettings, description="live tracking (TensorBoard, W&B)"
+    )
+    pareto_max: int = Field(
+        8, ge=1, description="Pareto-front members scored on the test splits at the end"
+    )
+    select: Literal["best", "sparsest_within"] = Field(
+        "best",
+        description="the final model: the search's best, or the sparsest front member "
+        "whose training mean is within `tolerance` of the front's highest",
+    )
+    tolerance: float = Field(
+        1.0,
+        ge=0.0,
+        le=100.0,
+        description="accuracy points allowed below the best (sparsest_within)",
+    )
     search: str = Field("sae", description="the search: sae, pso, m2n2 or cmaes")
     budget: int | None = Field(
         None, ge=1, description="fitness evaluations allowed (None: what `steps` take)"
@@ -233,16 +332,53 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         raise RecipeError(format_validation_error(source, error)) from None
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        explicit = sum(key.tag != "tag:yaml.org,2002:merge" for key, _ in node.value)
+        self.flatten_mapping(node)  # `<<:` merges first: explicit keys may override them
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value[len(node.value) - explicit :]:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the safe loader's own error follows
+                break
+            if first is not None:
+                message = f"duplicate key {key!r} (first on line {first})"
+                raise yaml.constructor.ConstructorError(None, None, message, key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document of a file; RecipeError for bytes that are not UTF-8, bad YAML, a
+    duplicate key or nesting too deep to read."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise RecipeError(
+            f"{path}: line {line}: not UTF-8 text (byte {raw[error.start]:#04x} at offset "
+            f"{error.start})",
+            file=path,
+        ) from None
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: not valid YAML ({error})", file=path) from None
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deeply to read", file=path) from None
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a YAML recipe file."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise RecipeError(f"{path}: not valid YAML ({error})") from None
-    return parse_recipe(data, str(path))
+    return parse_recipe(read_yaml(path), str(path))
 
 
 def looks_like_path(name: str) -> bool:

@@ -6,6 +6,12 @@ lineage stage by stage with MergeKit gives the same tensors, because the search 
 same registered methods. One stage is a plain ``mergekit-yaml`` config; a deeper lineage is a
 ``mergekit-multi`` file: ``---``-separated documents, every intermediate stage with a ``name:``
 that later stages use as a model path, and the final stage unnamed.
+
+Stage names are written ``./m0004``: MergeKit's card writer (``mergekit.card.is_hf``) asks the
+Hub whether an existing path with exactly one ``/`` is a repository, which fails offline; with
+the ``./`` prefix, ``mergekit-multi --intermediate-dir stages`` reads ``stages/./m0004`` (two
+slashes: local) and a stage-by-stage ``mergekit-yaml`` run reads ``./m0004`` (not a valid Hub
+id, so it is never looked up). Local parents get the same prefix (:func:`local_reference`).
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ MULTI_STAGE_HEADER = """\
 # its merge methods are registered in every MergeKit process). Named stages are written to the
 # intermediate directory and referenced by name from later stages; the last stage is the model:
 #   mergekit-multi {file} --intermediate-dir ./stages --out-path ./merged
+# or stage by stage, from one folder: save each document as its own file and run them in order
+# with `mergekit-yaml STAGE.yml NAME` (NAME: the stage's name, such as ./m0004), the last one
+# with `mergekit-yaml LAST.yml ./merged`. Both work offline.
 """
 
 
@@ -47,13 +56,18 @@ def local_reference(name: str) -> str:
     return name
 
 
+def stage_name(identifier: str) -> str:
+    """The name of the stage that makes a member: ``./<id>``, a path no Hub id can be."""
+    return f"./{identifier}"
+
+
 def model_reference(member: Member) -> str:
     """How a recipe names a member's weights: the original model, or the stage that made it."""
     if member.merge is None:
         if member.source is None and not member.path:
             raise ValueError(f"member {member.id}: an original model without source or path")
         return local_reference(member.source or member.path)
-    return member.id
+    return stage_name(member.id)
 
 
 def _input_reference(item: MergeInput, members: Mapping[str, Member]) -> str:
@@ -67,7 +81,8 @@ def _input_reference(item: MergeInput, members: Mapping[str, Member]) -> str:
 
 def copy_stage_name(reference: str) -> str:
     """Name of the stage that copies ``reference``, usable as a folder name."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", reference) + "-copy"
+    plain = reference.removeprefix("./")
+    return stage_name(re.sub(r"[^A-Za-z0-9_.-]", "_", plain).lstrip(".") + "-copy")
 
 
 def stage_config(
@@ -142,7 +157,7 @@ def recipe_documents(members: Mapping[str, Member], best: str) -> list[dict[str,
             if reference not in known:
                 documents.append({"name": name, **passthrough_config(reference)})
         if member.id != best:
-            config = {"name": member.id, **config}
+            config = {"name": stage_name(member.id), **config}
         documents.append(config)
     return documents
 

@@ -1,7 +1,8 @@
 """A whole run: check the output folder, resolve the recipe's models and tasks, evolve, finish.
 
-Everything that can fail on bad input (recipe fields, model paths, task files, an output
-folder in use) is checked here before any merge or evaluation starts.
+Everything that can fail on bad input (recipe fields, model paths, weight files, task files,
+an output folder in use) is checked here before any merge or evaluation starts. A run holds
+the lock of its output folder (:mod:`.lock`) from before its inputs are resolved to its end.
 """
 
 from __future__ import annotations
@@ -17,13 +18,17 @@ from mergekit_sae.evolve.checkpoint import (
     load_state,
     remove_temporaries,
     state_path,
+    verified_state,
     work_dir,
 )
 from mergekit_sae.evolve.finish import finish
+from mergekit_sae.evolve.lock import clear_folder, content, lock_folder
 from mergekit_sae.evolve.loop import RunContext, evolve, is_complete
 from mergekit_sae.evolve.merging import MergeInputError, check_compatible, model_dtype
 from mergekit_sae.evolve.recipe import Recipe, RecipeError, resolve_model
 from mergekit_sae.evolve.scoring import Evaluator
+from mergekit_sae.evolve.tracking import open_tracker
+from mergekit_sae.weight_files import check_model_files
 
 # Recipe fields a resumed run may change: they do not alter the steps already taken.
 RESUMABLE_CHANGES = (
@@ -33,6 +38,12 @@ RESUMABLE_CHANGES = (
     "eval_batch_size",
     "keep_population",
     "test_baselines",
+    "tracking",
+    "pareto_max",
+    "select",
+    "tolerance",
+    "allow_pickle",
+    "trust_remote_code",
 )
 
 
@@ -57,9 +68,11 @@ def prepare_output(out: Path, recipe: Recipe, *, resume: bool, force: bool) -> R
 
     A fresh run needs an empty (or absent) folder; ``force`` first deletes a previous run's
     folder (one holding a checkpoint). ``resume`` continues the checkpoint, refusing a recipe
-    that changed; with no checkpoint yet it starts afresh.
+    that changed; with no checkpoint yet it starts afresh. A resumed checkpoint whose members'
+    files do not verify gives way to the previous one (``checkpoint.verified_state``). The
+    caller holds the folder's lock, whose file is not content.
     """
-    used = out.exists() and any(out.iterdir())
+    used = bool(content(out))
     if out.exists() and not out.is_dir():
         raise OutputFolderError(f"{out} exists and is not a folder")
     if resume:
@@ -78,8 +91,9 @@ def prepare_output(out: Path, recipe: Recipe, *, resume: bool, force: bool) -> R
                 f"the recipe differs from the one {out} was started with in: {', '.join(changed)}; "
                 "resume with the original recipe, or start over with --force"
             )
-        state.recipe = recipe.digest_fields()
         remove_temporaries(out)
+        state = verified_state(out, state)
+        state.recipe = recipe.digest_fields()
         return state
     if used:
         if not force:
@@ -92,7 +106,7 @@ def prepare_output(out: Path, recipe: Recipe, *, resume: bool, force: bool) -> R
                 f"{out} is not empty and holds no evolve run, so --force will not delete it; "
                 "choose another output folder"
             )
-        shutil.rmtree(out)
+        clear_folder(out)
     return None
 
 
@@ -102,6 +116,12 @@ def resolve_inputs(recipe: Recipe, source: str) -> ResolvedInputs:
 
     models = [resolve_model(name, f"models[{i}]", source) for i, name in enumerate(recipe.models)]
     base = resolve_model(recipe.base_model, "base_model", source) if recipe.base_model else None
+    fields = [f"models[{i}]" for i in range(len(models))] + (["base_model"] if base else [])
+    for field, path in zip(fields, [*models, *([base] if base else [])], strict=True):
+        try:
+            check_model_files(path, allow_pickle=recipe.allow_pickle)
+        except MergeInputError as error:
+            raise MergeInputError(f"{source}: {field}: {error}", file=error.file) from None
     try:
         device, _ = resolve_device(recipe.device)
     except ValueError as error:
@@ -136,7 +156,12 @@ def resident_evaluator(recipe: Recipe, inputs: ResolvedInputs, tasks: list) -> E
     from mergekit_sae.evaluate import ResidentModel
     from mergekit_sae.evolve.scoring import ResidentEvaluator
 
-    resident = ResidentModel(inputs.models[0], device=inputs.device, dtype=recipe.eval_dtype)
+    resident = ResidentModel(
+        inputs.models[0],
+        device=inputs.device,
+        dtype=recipe.eval_dtype,
+        trust_remote_code=recipe.trust_remote_code,
+    )
     return ResidentEvaluator(resident, tasks, batch_size=recipe.eval_batch_size)
 
 
@@ -168,7 +193,26 @@ def run(
     """Run or resume a search into ``out``; finish it when the last step is done.
 
     ``make_evaluator`` replaces the resident-model evaluator (tests inject a fake one).
+    Raises OutputFolderError at once when another process holds ``out``'s lock.
     """
+    with lock_folder(out):
+        return _run_locked(
+            recipe, out, source, resume, force, progress, stop_after, make_evaluator, on_checkpoint
+        )
+
+
+def _run_locked(
+    recipe: Recipe,
+    out: Path,
+    source: str,
+    resume: bool,
+    force: bool,
+    progress: bool,
+    stop_after: int | None,
+    make_evaluator: Callable[[Recipe, ResolvedInputs], Evaluator] | None,
+    on_checkpoint: Callable[[RunState], None] | None,
+) -> RunState:
+    """:func:`run`, with ``out``'s lock held."""
     inputs = resolve_inputs(recipe, source)
     configure_torch(recipe, inputs.device)
     if make_evaluator is None:
@@ -192,7 +236,12 @@ def run(
         progress=progress,
         shard_size=recipe.shard_size,
     )
-    state = evolve(ctx, state, stop_after=stop_after, on_checkpoint=on_checkpoint)
-    if is_complete(recipe, state):
-        state = finish(ctx, state)
+    ctx.tracker = open_tracker(recipe.tracking, out, recipe, state, source)
+    try:
+        state = evolve(ctx, state, stop_after=stop_after, on_checkpoint=on_checkpoint)
+        if is_complete(recipe, state):
+            state = finish(ctx, state)
+    finally:
+        if ctx.tracker:
+            ctx.tracker.close()
     return state

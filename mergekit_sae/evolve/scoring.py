@@ -13,6 +13,8 @@ from typing import Any, Protocol
 
 import torch
 
+from mergekit_sae import faults
+
 
 class Evaluator(Protocol):
     """Scores one candidate model at a time on named tasks."""
@@ -68,8 +70,10 @@ class ResidentEvaluator:
 
     def score_items(self, items: Mapping[str, Sequence[Any]]) -> dict[str, list[float]]:
         """Each task's per-item scores of the resident model on its items."""
-        return {
-            name: list(
+        scores = {}
+        for name, task_items in items.items():
+            faults.point("evaluator.task")
+            scores[name] = list(
                 self.tasks[name].score(
                     self.resident.model,
                     self.resident.tokenizer,
@@ -77,8 +81,36 @@ class ResidentEvaluator:
                     batch_size=self.batch_size,
                 )
             )
-            for name, task_items in items.items()
-        }
+        return scores
+
+    def score_with_generation(
+        self, items: Mapping[str, Sequence[Any]]
+    ) -> tuple[dict[str, float], dict[str, float] | None]:
+        """Each task's score and the generation metrics of its generation tasks' outputs.
+
+        One pass: the texts measured are the ones scored. The outputs of every task whose
+        ``generation_metrics`` are defined are pooled and measured together (by the first
+        such task's ``generation_metrics``), plus their count ``generations``; None when no
+        task generates. Optional for evaluators; the final report uses it when present.
+        """
+        scores: dict[str, float] = {}
+        pooled: list[dict[str, Any]] = []
+        measure = None
+        for name, task_items in items.items():
+            task = self.tasks[name]
+            details = task.score_details(
+                self.resident.model,
+                self.resident.tokenizer,
+                list(task_items),
+                batch_size=self.batch_size,
+            )
+            scores[name] = task.aggregate([d["score"] for d in details])
+            if task.generation_metrics(details):
+                pooled += details
+                measure = measure or task
+        if measure is None:
+            return scores, None
+        return scores, {**measure.generation_metrics(pooled), "generations": float(len(pooled))}
 
     def score(self, items: Mapping[str, Sequence[Any]]) -> dict[str, float]:
         """Each task's aggregate score of the resident model on its items."""

@@ -8,6 +8,11 @@ parameters first (naming where in the recipe) and write through `mergekit_sae.at
 `run_merge` argument names, the recipe fields that hold `parameters`, that the output is the
 folder at `out_path`) is checked against the installed MergeKit by tests/test_method_hook.py;
 a folder missing after `run_merge` raises instead of passing silently.
+
+The guard also verifies the weight files of every local model the recipe names
+(`mergekit_sae.weight_files`: truncated or corrupt safetensors fail naming the file) and
+refuses pickle weights unless `MERGEKIT_SAE_ALLOW_PICKLE=1`; in a MergeKit command these
+errors print as one `error: ...` line (`install_error_hook`), not a traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import os
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -23,8 +30,9 @@ from mergekit.merge_methods import MergeMethodSpec, ParameterScope, get
 
 from mergekit_sae.atomic import atomic_dir
 from mergekit_sae.domains import domain_problem
-from mergekit_sae.errors import RecipeError
+from mergekit_sae.errors import MergekitSaeError, RecipeError
 from mergekit_sae.methods import METHOD_NAMES
+from mergekit_sae.weight_files import check_model_files, pickle_allowed_by_env
 
 _GUARD_FLAG = "_mergekit_sae_guarded"
 # run_merge's arguments the guard reads (by name) and replaces (out_path)
@@ -139,6 +147,19 @@ def check_recipe_parameters(config: MergeConfiguration) -> None:
         )
 
 
+def check_local_models(config: MergeConfiguration) -> None:
+    """Verify the weight files of every local model folder the recipe names.
+
+    Hub ids (and models that are not folders yet) are left to MergeKit. Pickle weights are
+    refused unless the environment allows them (``MERGEKIT_SAE_ALLOW_PICKLE=1``).
+    """
+    allow = pickle_allowed_by_env()
+    for reference in sorted(config.referenced_models(), key=str):
+        path = reference.model.path
+        if reference.model.revision is None and os.path.isdir(path):
+            check_model_files(path, allow_pickle=allow)
+
+
 def run_merge_atomic(
     run_merge: Callable[..., Any], merge_config: MergeConfiguration, out_path: str, *args, **kwargs
 ) -> None:
@@ -150,6 +171,7 @@ def run_merge_atomic(
     run_merge = inspect.unwrap(run_merge)  # never stage twice through a guarded run_merge
     if merge_config.merge_method in METHOD_NAMES:
         check_recipe_parameters(merge_config)
+        check_local_models(merge_config)
     with atomic_dir(out_path) as staged:
         run_merge(merge_config, str(staged), *args, **kwargs)
 
@@ -189,6 +211,26 @@ def guarded_run_merge(original: Callable[..., Any]) -> Callable[..., Any]:
     return run_merge
 
 
+def error_hook(previous: Callable[..., Any]) -> Callable[..., Any]:
+    """A ``sys.excepthook`` printing this package's errors as one line, others as before."""
+
+    def hook(kind: type[BaseException], error: BaseException, traceback: Any) -> None:
+        if isinstance(error, MergekitSaeError):
+            print(f"error: {error}", file=sys.stderr)
+            return
+        previous(kind, error, traceback)
+
+    setattr(hook, _GUARD_FLAG, True)
+    return hook
+
+
+def install_error_hook() -> None:
+    """Make an uncaught package error end a MergeKit command with one ``error:`` line."""
+    if not getattr(sys.excepthook, _GUARD_FLAG, False):
+        sys.excepthook = error_hook(sys.excepthook)
+
+
 def guard_module(merge_module: Any) -> None:
     """Replace `run_merge` in the (just imported) mergekit.merge module by its guarded form."""
     merge_module.run_merge = guarded_run_merge(merge_module.run_merge)
+    install_error_hook()

@@ -13,7 +13,7 @@ task vectors theta_k - base and the base is added back at the end.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from mergekit.merge_methods import PerNonBase, TensorGroup, merge_method
@@ -33,7 +33,16 @@ from mergekit_sae.domains import (
     choices,
 )
 from mergekit_sae.errors import MergeInputError
-from mergekit_sae.sparsity import prune, sparsity
+from mergekit_sae.sparsity import (
+    CHUNK_ELEMENTS,
+    EMPTY_STATS,
+    KeepMask,
+    Threshold,
+    magnitude_keys,
+    select_threshold,
+    sparsity_from_stats,
+    sparsity_stats,
+)
 
 SPARSITY_SCOPES = choices(SparsityScope)
 PRUNE_TARGETS = choices(PruneTarget)
@@ -88,12 +97,20 @@ def _check_tensors(tensors: Sequence[Tensor], labels: Sequence[str], name: str) 
     for label, tensor in zip(labels, tensors, strict=True):
         if not tensor.is_floating_point():
             raise TypeError(f"{name}: {label} is {tensor.dtype}, not a floating-point tensor")
-        if not bool(torch.isfinite(tensor).all()):
+        if not _all_finite(tensor):
             n_nan = int(torch.isnan(tensor).sum())
             n_inf = int(torch.isinf(tensor).sum())
             raise MergeInputError(
                 f"{name}: {label} contains {n_nan} NaN and {n_inf} Inf values", tensor=name
             )
+
+
+def _all_finite(tensor: Tensor) -> bool:
+    """Whether every element is finite: a finite sum proves it (one fast reduction), and only
+    a non-finite sum (a NaN/Inf, or an overflowing sum) needs the elementwise check."""
+    if bool(torch.isfinite(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 def _per_model(values: Sequence | None, count: int, field: str, name: str) -> list | None:
@@ -191,16 +208,20 @@ def _promoted_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
 
 
 def _attraction_mix(parts: Sequence[Tensor], weights: Sequence[float], renormalize: bool) -> Tensor:
-    """Weighted sum; with renormalize, divide each position by the weight of its non-zeros."""
+    """Weighted sum; with renormalize, divide each position by the weight of its non-zeros.
+
+    Where no weighted non-zero contributes, the sum is +0 and so is +0 / tiny: no select is
+    needed. ``|x|.sign()`` is the non-zero indicator (inputs are finite), without bool masks.
+    """
     total = torch.zeros_like(parts[0])
     present = torch.zeros_like(parts[0]) if renormalize else None
     for part, weight in zip(parts, weights, strict=True):
         total.add_(part, alpha=weight)
         if present is not None:
-            present.add_((part != 0).to(part.dtype), alpha=weight)
+            present.add_(part.abs().sign_(), alpha=weight)
     if present is None:
         return total
-    return torch.where(present > 0, total / present.clamp_min(torch.finfo(present.dtype).tiny), 0)
+    return total.div_(present.clamp_min_(torch.finfo(present.dtype).tiny))
 
 
 def sae_merge(
@@ -252,20 +273,165 @@ def sae_merge(
     _check_tensors([*tensors, *extras.values()], [*labels, *extras], name)
 
     dtype = _compute_dtype([*tensors, *extras.values()])
-    origin = base.to(dtype) if prune_target == "delta" else None
-    parts = [
-        prune(_task_part(t, dtype, origin), d) for t, d in zip(tensors, densities, strict=True)
-    ]
+    plan = _MixPlan(tensors, dtype, base if prune_target == "delta" else None, dense_reference)
+    masks = [plan.parent_mask(i, d) for i, d in enumerate(densities)]
     if rhos is None:
-        rhos = [sparsity(part, sparsity_measure) for part in parts]
+        rhos = [plan.parent_sparsity(i, mask, sparsity_measure) for i, mask in enumerate(masks)]
     weights = _mixing_weights(scores, rhos, sparsity_weight, labels, name)
-    if redense == "original":
-        reference = _task_part(dense_reference, dtype, origin)
-        parts = [torch.where(part == 0, reference, part) for part in parts]
-    merged = prune(_attraction_mix(parts, weights, renormalize), offspring_density)
-    if origin is not None:
-        merged = merged.add_(origin)
-    return merged.to(_promoted_dtype(tensors))
+    return plan.mix(masks, weights, renormalize, offspring_density, _promoted_dtype(tensors))
+
+
+# Elements per chunk of the fused passes: a few float32 buffers of this size stay in cache.
+MIX_CHUNK = 1 << 18
+_KEEP_ALL = None
+
+
+class _ZeroMask:
+    """The mask of a parent pruned to zero entries (density rounds to k = 0)."""
+
+
+_KEEP_NONE = _ZeroMask()
+
+
+class _MixPlan:
+    """The fused, chunked passes of sae_merge over flat views of the inputs.
+
+    Every step (task vector, pruning mask, re-densing, attraction mix, offspring pruning,
+    base added back, cast) is elementwise, so computing it chunk by chunk in cache-sized
+    pieces gives the same bits as whole-tensor passes; only the selections (k-th largest
+    magnitude) and the sparsity counts see the whole tensor, through extra chunked passes.
+    """
+
+    def __init__(
+        self,
+        tensors: Sequence[Tensor],
+        dtype: torch.dtype,
+        origin: Tensor | None,
+        reference: Tensor | None,
+    ):
+        self.flats = [t.reshape(-1) for t in tensors]
+        self.dtype = dtype
+        self.origin = origin.reshape(-1) if origin is not None else None
+        self.reference = reference.reshape(-1) if reference is not None else None
+        self.shape = tensors[0].shape
+        self.numel = tensors[0].numel()
+
+    def _spans(self, size: int = MIX_CHUNK) -> Iterator[slice]:
+        for start in range(0, self.numel, size):
+            yield slice(start, min(start + size, self.numel))
+
+    def _origin(self, span: slice) -> Tensor | None:
+        return self.origin[span].to(self.dtype) if self.origin is not None else None
+
+    def _part(self, index: int, span: slice, origin: Tensor | None) -> Tensor:
+        """Parent ``index`` on a span in the compute dtype, as a task vector under delta."""
+        return _task_part(self.flats[index][span], self.dtype, origin)
+
+    def _keys(self, index: int, span: slice, part: Tensor) -> Tensor:
+        """Magnitude keys of a parent's part: of the stored tensor itself when it is the
+        weights (widening to the compute dtype is exact and keeps the order of |x|)."""
+        return magnitude_keys(self.flats[index][span] if self.origin is None else part)
+
+    def parent_mask(self, index: int, density: float) -> Threshold | _ZeroMask | None:
+        """The threshold that prunes parent ``index`` to ``density`` (None: keep everything)."""
+        n = self.numel
+        k = round(density * n)
+        if density == 1.0 or k >= n:
+            return _KEEP_ALL
+        if k == 0:
+            return _KEEP_NONE
+
+        def key_chunks() -> Iterator[Tensor]:
+            for span in self._spans():
+                origin = self._origin(span) if self.origin is not None else None
+                part = self._part(index, span, origin) if origin is not None else None
+                yield self._keys(index, span, part)
+
+        bits = self.flats[index].element_size() if self.origin is None else _width(self.dtype)
+        return select_threshold(key_chunks, k, key_bits=bits * 8, device=self.flats[0].device)
+
+    def _pruned(self, index: int, span: slice, mask: object, keep: KeepMask | None, origin):
+        """Parent ``index`` on a span, pruned (``keep`` is the running mask of the pass)."""
+        part = self._part(index, span, origin)
+        if mask is _KEEP_ALL:
+            return part
+        if mask is _KEEP_NONE:
+            return torch.zeros_like(part)
+        return part * keep(self._keys(index, span, part))  # a pruned -0 mixes like +0
+
+    def _pruned_chunks(self, index: int, mask: object, size: int) -> Iterator[Tensor]:
+        keep = KeepMask(mask) if isinstance(mask, Threshold) else None
+        for span in self._spans(size):
+            yield self._pruned(index, span, mask, keep, self._origin(span))
+
+    def parent_sparsity(self, index: int, mask: object, measure: str) -> float:
+        """rho of the pruned parent, summed over CHUNK_ELEMENTS chunks as sparsity() does."""
+        norms = measure == "magnitude"
+        size = CHUNK_ELEMENTS if norms else MIX_CHUNK
+        stats = EMPTY_STATS
+        for part in self._pruned_chunks(index, mask, size):
+            stats = stats.merged(sparsity_stats(part, norms=norms))
+        return sparsity_from_stats(stats, measure)
+
+    def mix(
+        self,
+        masks: Sequence[object],
+        weights: Sequence[float],
+        renormalize: bool,
+        offspring_density: float,
+        out_dtype: torch.dtype,
+    ) -> Tensor:
+        """Attraction mix of the pruned parents, pruned to offspring_density, base added back."""
+        device = self.flats[0].device
+        out = torch.empty(self.numel, dtype=out_dtype, device=device)
+        k = round(offspring_density * self.numel)
+        prune_offspring = not (offspring_density == 1.0 or k >= self.numel)
+        merged = None
+        if prune_offspring:
+            merged = torch.empty(self.numel, dtype=self.dtype, device=device)
+        keeps = [KeepMask(m) if isinstance(m, Threshold) else None for m in masks]
+        for span in self._spans():
+            origin = self._origin(span)
+            parts = [
+                self._pruned(i, span, mask, keep, origin)
+                for i, (mask, keep) in enumerate(zip(masks, keeps, strict=True))
+            ]
+            if self.reference is not None:
+                reference = _task_part(self.reference[span], self.dtype, origin)
+                parts = [torch.where(part == 0, reference, part) for part in parts]
+            mixed = _attraction_mix(parts, weights, renormalize)
+            if merged is not None:
+                merged[span] = mixed
+            else:
+                out[span] = mixed.add_(origin) if origin is not None else mixed
+        if merged is not None:
+            self._prune_offspring(merged, k, out)
+        return out.view(self.shape)
+
+    def _prune_offspring(self, merged: Tensor, k: int, out: Tensor) -> None:
+        """Write merged pruned to its k largest magnitudes (plus the base) into ``out``."""
+        keep = None
+        if k > 0:
+            threshold = select_threshold(
+                lambda: (magnitude_keys(merged[span]) for span in self._spans()),
+                k,
+                key_bits=_width(self.dtype) * 8,
+                device=merged.device,
+            )
+            keep = KeepMask(threshold)
+        for span in self._spans():
+            chunk = merged[span]
+            if keep is None:
+                pruned = torch.zeros_like(chunk)
+            else:
+                pruned = chunk.mul_(keep(magnitude_keys(chunk))).add_(0.0)  # -0 -> +0
+            origin = self._origin(span)
+            out[span] = pruned.add_(origin) if origin is not None else pruned
+
+
+def _width(dtype: torch.dtype) -> int:
+    """Bytes per element of a dtype."""
+    return torch.empty((), dtype=dtype).element_size()
 
 
 @merge_method(

@@ -233,6 +233,8 @@ def compute_importance(
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
+    from mergekit_sae.atomic import write_file, write_text
+
     started = time.perf_counter()
     show = progress or (lambda items, _desc: items)
     out_dir = Path(out_dir)
@@ -260,7 +262,8 @@ def compute_importance(
         scores = functional_scores(grads, state, _tensor_reader(donor_path))
         del grads
         file = out_dir / f"donor_{index}.safetensors"
-        save_file(scores, str(file), metadata={"format": "pt", "donor": str(donor_path)})
+        metadata = {"format": "pt", "donor": str(donor_path)}
+        write_file(file, lambda tmp, s=scores, m=metadata: save_file(s, str(tmp), metadata=m))
         donors.append({"model": str(donor_path), "file": str(file.resolve()), "kl": kl})
         del scores
     report = {
@@ -279,7 +282,7 @@ def compute_importance(
     }
     if device.type == "cuda":
         report["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    (out_dir / SIDECAR).write_text(json.dumps(report, indent=2) + "\n")
+    write_text(out_dir / SIDECAR, json.dumps(report, indent=2) + "\n")
     return report
 
 

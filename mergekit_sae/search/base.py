@@ -18,6 +18,7 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict
@@ -84,6 +85,20 @@ class Driver(Protocol):
     @property
     def task_weights(self) -> dict[str, float]:
         """Weight of each task in the performance mean."""
+        ...
+
+    @property
+    def items(self) -> Mapping[str, list[Any]]:
+        """Each task's training items of the current step (empty before step 1)."""
+        ...
+
+    @property
+    def run_dir(self) -> Path:
+        """The run's output folder (a search may keep files of its own under it)."""
+        ...
+
+    def model_dir(self, member: str) -> Path:
+        """The folder holding a member's weights."""
         ...
 
     @property

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -81,7 +80,7 @@ def calibration_prompts(recipe: Any, driver: Driver) -> list[str]:
     from mergekit_sae.errors import RecipeError
 
     task = recipe.tasks[0].name
-    items = getattr(driver, "items", {}).get(task, [])
+    items = driver.items.get(task, [])
     prompts = [item.get("prompt") if isinstance(item, dict) else None for item in items]
     if not prompts or not all(isinstance(p, str) and p for p in prompts):
         raise RecipeError(
@@ -95,14 +94,13 @@ def functional_importance(recipe: Any, driver: Driver, parents: list[str]) -> di
     """Run the calibration pass (first parent = anchor) into OUT/scf_rkl_importance/.
 
     Returns the pass's report (files per donor, tokens, forward/backward passes, seconds,
-    peak memory). The run folder is the step driver's (``driver.ctx.out``).
+    peak memory).
     """
     from mergekit_sae.evaluate.device import resolve_device, resolve_dtype
-    from mergekit_sae.evolve.population import member_dir
     from mergekit_sae.methods.scf_rkl_importance import compute_importance
 
-    out = Path(driver.ctx.out)  # type: ignore[attr-defined]
-    paths = [str(member_dir(driver.members[i], out).absolute()) for i in parents]
+    out = driver.run_dir
+    paths = [str(driver.model_dir(i).absolute()) for i in parents]
     device, default_dtype = resolve_device(recipe.device)
     return compute_importance(
         paths[0],
@@ -114,6 +112,23 @@ def functional_importance(recipe: Any, driver: Driver, parents: list[str]) -> di
         batch_size=recipe.eval_batch_size or CALIBRATION_BATCH,
         max_length=CALIBRATION_MAX_LENGTH,
     )
+
+
+def with_density(record: MergeRecord, density: float | None) -> MergeRecord:
+    """A static merge's record at another density (see ``OneShotSettings.density``)."""
+    if density is None or record.method in ("linear", "task_arithmetic"):
+        return record
+    if record.method == "sce":
+        return record.model_copy(
+            update={"parameters": {**record.parameters, "select_topk": density}}
+        )
+    if record.method == "scf_rkl":
+        return record.model_copy(update={"parameters": {**record.parameters, "density": density}})
+    inputs = [
+        item.model_copy(update={"parameters": {**item.parameters, "density": density}})
+        for item in record.inputs
+    ]
+    return record.model_copy(update={"inputs": inputs})
 
 
 def with_importance(record: MergeRecord, report: Mapping[str, Any]) -> MergeRecord:
@@ -142,6 +157,14 @@ class OneShotSettings(SearchSettings):
     """The ``oneshot:`` block: which merge."""
 
     method: str = Field("linear", description=f"{', '.join([*STATIC_MERGES, SAE_ONESHOT])}")
+    density: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="overrides the merge's density: ties/dare_ties `density`, sce "
+        "`select_topk`, scf_rkl `density`, sae_oneshot `offspring_density` (1 - rate); "
+        "linear and task_arithmetic are dense and ignore it (None: the defaults)",
+    )
     resample: bool = False
 
     @field_validator("method")
@@ -196,9 +219,13 @@ class OneShotSearch(Search):
                 return
             parents = [driver.members[i] for i in driver.parents]
             record = sae_oneshot_record(self.recipe, parents, driver.dtype)
+            if self.settings.density is not None:
+                shared = {**record.parameters, "offspring_density": self.settings.density}
+                record = record.model_copy(update={"parameters": shared})
         else:
             merge = STATIC_MERGES[method]
             record = static_record(merge, driver.parents, self.recipe.base_model, driver.dtype)
+            record = with_density(record, self.settings.density)
             if merge.functional:
                 report = functional_importance(self.recipe, driver, driver.parents)
                 driver.note(calibration=report)
