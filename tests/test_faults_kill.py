@@ -9,6 +9,10 @@ killed at the chain's first moment, each ``--resume`` is killed at the next mome
 arrival number of the next moment is counted in the reference trace from where that process
 restarts. After every kill no file in OUT/ is truncated; at the end of a chain the model
 equals the reference bit for bit and no temporary is left.
+
+Each driver is its own process, killed for real, but forked from one helper process that has
+imported torch, transformers and MergeKit once (a fresh interpreter per run would spend most of
+its time importing them). The helper runs no torch code itself, so its children start clean.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +48,48 @@ ENV = {
     "OMP_NUM_THREADS": "1",
     faults.ENV: "",
 }
+
+
+# A helper process: reads one JSON request per line (argv, env), forks a child that runs the
+# CLI with them, and answers with the child's exit code (negative: killed by that signal).
+FORK_SERVER = r"""
+import json, os, sys
+import mergekit_sae.cli, mergekit_sae.evolve.runner, mergekit_sae.evaluate.resident
+from mergekit_sae import faults
+for line in sys.stdin:
+    request = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        os.environ.update(request["env"])
+        faults.reset()
+        try:
+            mergekit_sae.cli.main(request["argv"], prog_name="mergekit-sae")
+            code = 0
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 1
+        sys.stderr.flush()
+        os._exit(code)
+    print(json.dumps(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def driver() -> Iterator[Callable[..., int]]:
+    """Run ``mergekit-sae ARGV`` in a fresh process (forked); return its exit code."""
+    server = subprocess.Popen(
+        [sys.executable, "-c", FORK_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        env=ENV, text=True,
+    )  # fmt: skip
+
+    def run_driver(*argv: str, fault: str = "") -> int:
+        server.stdin.write(json.dumps({"argv": list(argv), "env": {faults.ENV: fault}}) + "\n")
+        server.stdin.flush()
+        return json.loads(server.stdout.readline())
+
+    yield run_driver
+    server.stdin.close()
+    server.wait(timeout=60)
 
 
 @dataclass
@@ -123,7 +170,11 @@ def chains(trace: list[str], moments: list[int], length: int) -> list[list[tuple
 
 
 def command(recipe: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "mergekit_sae.cli", "evolve", str(recipe), str(out), "-q", *extra]
+    return [sys.executable, "-m", "mergekit_sae.cli", *arguments(recipe, out, *extra)]
+
+
+def arguments(recipe: Path, out: Path, *extra: str) -> list[str]:
+    return ["evolve", str(recipe), str(out), "-q", *extra]
 
 
 def assert_whole(out: Path) -> None:
@@ -170,7 +221,7 @@ def test_the_reference_run_reaches_every_fault_point(reference: Reference) -> No
 
 
 def test_kill_at_twenty_moments_then_resume_is_bit_identical(
-    reference: Reference, tmp_path: Path
+    reference: Reference, driver: Callable[..., int], tmp_path: Path
 ) -> None:
     trace = reference.trace
     plan = chains(trace, pick_moments(trace, KILLS), CHAIN_LENGTH)
@@ -179,12 +230,13 @@ def test_kill_at_twenty_moments_then_resume_is_bit_identical(
         out = tmp_path / f"chain{number}"
         for position, (index, count) in enumerate(chain):
             extra = ("--resume",) if position else ()
-            env = {**ENV, faults.ENV: f"{trace[index]}:{count}"}
-            done = subprocess.run(command(reference.recipe, out, *extra), env=env, timeout=300)
-            assert done.returncode == -signal.SIGKILL, (trace[index], count, done.returncode)
+            code = driver(
+                *arguments(reference.recipe, out, *extra), fault=f"{trace[index]}:{count}"
+            )
+            assert code == -signal.SIGKILL, (trace[index], count, code)
             tried += 1
             assert_whole(out)
-        subprocess.run(command(reference.recipe, out, "--resume"), env=ENV, check=True)
+        assert driver(*arguments(reference.recipe, out, "--resume")) == 0
         assert_whole(out)
         assert_no_leftovers(out)
         assert_same_run(reference, out)
@@ -205,7 +257,9 @@ def test_ctrl_c_prints_one_line_and_resume_is_bit_identical(
         command(reference.recipe, out), env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 130
-    assert done.stderr.strip() == "interrupted; continue with --resume"
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "interrupted; continue with --resume"
+    assert done.stderr.count("interrupted") == 1
     assert done.stdout == ""
     assert load_state(out) is not None
     subprocess.run(command(reference.recipe, out, "--resume"), env=ENV, check=True, timeout=300)

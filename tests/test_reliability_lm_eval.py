@@ -24,7 +24,8 @@ root = Path.cwd()
 items = [{"prompt": "the sky is", "choices": ["blue", "green"], "label": 0},
          {"prompt": "grass is", "choices": ["blue", "green"], "label": 1}]
 (root / "mc.jsonl").write_text("".join(__import__("json").dumps(i) + "\\n" for i in items))
-write_lm_eval_task(TaskSpec(name="mc", type="multiple_choice", test=root / "mc.jsonl"), root, "toy_mc")
+spec = TaskSpec(name="mc", type="multiple_choice", test=root / "mc.jsonl")
+write_lm_eval_task(spec, root, "toy_mc")
 task = load_task({"name": "toy_mc", "type": "lm_eval", "include_path": [root]})
 import lm_eval.evaluator as evaluator
 hashes = []

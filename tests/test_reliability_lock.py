@@ -1,4 +1,4 @@
-"""One process per output folder: a second run refuses at once; a killed run's lock is taken over."""
+"""One process per output folder: a second run refuses at once; a killed run's lock is taken."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A member file corrupted between stop and resume: the resume falls back to the checkpoint before."""
+"""A member file corrupted between stop and resume: the resume falls back a checkpoint."""
 
 from __future__ import annotations
 

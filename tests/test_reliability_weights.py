@@ -1,4 +1,4 @@
-"""Truncated, corrupt and pickle weight files: one line naming the file, in the driver and MergeKit."""
+"""Truncated, corrupt and pickle weight files: one line naming the file (driver and MergeKit)."""
 
 from __future__ import annotations
 

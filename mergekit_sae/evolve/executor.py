@@ -34,12 +34,13 @@ def import_ray() -> Any:
 
 def worker_recipe(recipe: Any) -> dict[str, Any]:
     """The recipe as data with task files made absolute (a worker's folder may differ)."""
-    data = recipe.model_dump(mode="json")
+    data = recipe.model_dump(mode="json", exclude_unset=True)  # as written: valid again
     for task in data["tasks"]:
         for key in ("train", "test"):
             if task.get(key):
                 task[key] = str(Path(task[key]).absolute())
-        task["include_path"] = [str(Path(p).absolute()) for p in task.get("include_path", [])]
+        if task.get("include_path"):
+            task["include_path"] = [str(Path(p).absolute()) for p in task["include_path"]]
     return data
 
 

@@ -189,6 +189,8 @@ class WandbBackend:
             config=config,
             dir=directory,
             allow_val_change=True,
+            # no system-metrics sampler, no console capture: they cost CPU on every step
+            settings=wandb.Settings(x_disable_stats=True, console="off"),
         )
 
     def log(self, values: Mapping[str, float], step: int) -> None:
