@@ -197,3 +197,24 @@ def test_compare_with_the_real_evaluators(tmp_path: Path) -> None:
         assert float(row["mean"]) == pytest.approx(weighted, abs=1e-6)
     again = CliRunner().invoke(main, [*arguments, "--quiet"])
     assert again.exit_code != 0 and "--resume" in again.output
+
+
+def test_tensorboard_option_gives_every_run_its_own_log(tmp_path: Path, recipe_file) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mergekit_sae.evolve.checkpoint import load_state
+
+    logs = tmp_path / "tb"
+    comparison = Comparison(
+        recipe=recipe_file, methods=["sae"], seeds=2, command="cmd", tensorboard=str(logs)
+    )
+    compare(comparison, tmp_path / "c", progress=False, make_evaluator=Counting())
+    for seed in (0, 1):
+        accumulator = EventAccumulator(str(logs / "sae" / f"seed{seed}"))
+        accumulator.Reload()
+        tags = accumulator.Tags()["scalars"]
+        best = next(t for t in tags if "best" in t and "fitness" in t)
+        logged = [event.value for event in accumulator.Scalars(best)]
+        history = load_state(tmp_path / "c" / "sae" / f"seed{seed}").history
+        assert logged == pytest.approx([r.best_fitness for r in history])

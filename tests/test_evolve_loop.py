@@ -124,10 +124,12 @@ def test_step_scores_pairs_and_replaces_as_specified(tmp_path: Path, parents) ->
             population[slot] = offspring.id
             fitnesses[slot] = offspring.fitness
     assert record.population_after == population == state.population
-    # living generated members are on disk, the others were removed after the checkpoint
+    # the living generated members and those of the previous checkpoint (the fallback of a
+    # resume) are on disk; the others were removed after the checkpoint
     on_disk = {p.name for p in (tmp_path / ".work" / "population").iterdir()}
-    generated = {i for i in population if state.members[i].origin != "parent"}
-    assert on_disk == generated
+    kept = set(population) | set(record.population_before)
+    assert on_disk == {i for i in kept if state.members[i].origin != "parent"}
+    assert not on_disk & {o.id for o in record.offspring if o.id not in population}
 
 
 def test_offspring_scores_match_their_written_weights(tmp_path: Path, parents) -> None:

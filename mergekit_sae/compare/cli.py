@@ -27,8 +27,8 @@ def command_line() -> str:
     "--methods",
     default=DEFAULT_METHODS,
     show_default=True,
-    help="Comma-separated searches (sae, pso, m2n2, cmaes) and one-shot merges "
-    "(linear, task_arithmetic, ties, dare_ties, sce, sae_oneshot).",
+    help="Comma-separated searches (sae, pso, m2n2, cmaes) and one-shot merges (linear, "
+    "task_arithmetic, ties, dare_ties, sce, scf_rkl, scf_rkl_functional, sae_oneshot).",
 )
 @click.option(
     "--seeds",
@@ -50,6 +50,19 @@ def command_line() -> str:
     metavar="FIELD=V1,V2,...",
     help="Also run SAE with a recipe field (dotted path) set to each value; repeatable.",
 )
+@click.option(
+    "--tensorboard",
+    metavar="DIR",
+    default=None,
+    help="Log every run to TensorBoard under DIR/<method>/seed<k> (overlaid).",
+)
+@click.option(
+    "--wandb",
+    "wandb_project",
+    metavar="PROJECT",
+    default=None,
+    help="Log every run to the W&B project PROJECT, grouped by comparison.",
+)
 @click.option("--resume", is_flag=True, help="Continue the comparison in OUT.")
 @click.option("--force", is_flag=True, help="Delete a previous comparison in OUT and start over.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars and no table.")
@@ -60,6 +73,8 @@ def compare(
     seeds: int,
     budget: int | None,
     sweeps: tuple[str, ...],
+    tensorboard: str | None,
+    wandb_project: str | None,
     resume: bool,
     force: bool,
     quiet: bool,
@@ -89,6 +104,8 @@ def compare(
         budget=budget,
         sweeps=[parse_sweep(s) for s in sweeps],
         command=command_line(),
+        tensorboard=tensorboard,
+        wandb_project=wandb_project,
     )
     run_compare(comparison, out, resume=resume, force=force, progress=not quiet)
     if not quiet:

@@ -45,6 +45,18 @@ class Comparison:
     budget: int | None = None
     sweeps: list[tuple[str, list[Any]]] = field(default_factory=list)
     command: str = ""
+    tensorboard: str | None = None  # as the recipe's tracking.tensorboard
+    wandb_project: str | None = None  # as the recipe's tracking.wandb.project
+
+
+def with_tracking_options(base: dict[str, Any], comparison: Comparison) -> dict[str, Any]:
+    """The recipe data with the command line's tracking options applied."""
+    tracking = dict(base.get("tracking") or {})
+    if comparison.tensorboard is not None:
+        tracking["tensorboard"] = comparison.tensorboard
+    if comparison.wandb_project is not None:
+        tracking["wandb"] = {**(tracking.get("wandb") or {}), "project": comparison.wandb_project}
+    return {**base, "tracking": tracking} if tracking else base
 
 
 def default_budget(recipe_path: Path) -> int:
@@ -136,7 +148,9 @@ def compare(
     """Run every planned run into OUT/ and write the result files; return the rows."""
     source = str(comparison.recipe)
     recipe = load_recipe(comparison.recipe)
-    base = yaml.safe_load(comparison.recipe.read_text(encoding="utf-8"))
+    base = with_tracking_options(
+        yaml.safe_load(comparison.recipe.read_text(encoding="utf-8")), comparison
+    )
     budget = comparison.budget or default_budget(comparison.recipe)
     runs = plan_runs(comparison.methods, comparison.seeds, comparison.sweeps)
     for spec in runs:  # every recipe validates before any work starts

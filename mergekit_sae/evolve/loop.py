@@ -475,4 +475,7 @@ def evolve(
                 bar.set_postfix(best=f"{record.best_fitness:.4f}")
             bar.update((state.evaluations - done) if ctx.recipe.budget else 1)
             done = state.evaluations if ctx.recipe.budget else state.step
+    if ctx.executor is not None:  # the steps are over: free the scoring workers
+        ctx.executor.close()
+        ctx.executor = None
     return state

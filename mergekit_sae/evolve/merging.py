@@ -35,6 +35,7 @@ TensorSink = Callable[[str, torch.Tensor], None]
 # Files copied from a reference model so that a merged directory loads with transformers.
 CONFIG_FILES = ("config.json", "generation_config.json")
 DEFAULT_SHARD_SIZE = 5 * 1000**3
+PREFETCH = True  # read the next tensor while the current one is merged (tests turn it off)
 _DTYPES = DTYPES  # the name earlier code imported
 __all__ = ["MergeInputError", "dtype_name", "fsync_dir", "publish_dir", "stream_merge"]
 
@@ -182,6 +183,29 @@ def merge_tensor(
     )
 
 
+def read_ahead(
+    loaders: Sequence[LazyTensorLoader], names: Sequence[str], device: str
+) -> Iterator[list[torch.Tensor]]:
+    """Every input's tensor of each name in order; with ``PREFETCH`` the next name's tensors
+    are read on a background thread while the caller merges the current ones."""
+
+    def read(name: str) -> list[torch.Tensor]:
+        return [loader.get_tensor(name, device=device) for loader in loaders]
+
+    if not PREFETCH:
+        yield from (read(name) for name in names)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergekit-sae-read") as pool:
+        pending = pool.submit(read, names[0]) if names else None
+        for index in range(len(names)):
+            tensors = pending.result()
+            if index + 1 < len(names):
+                pending = pool.submit(read, names[index + 1])
+            yield tensors
+
+
 def copy_config(reference: Path, out_dir: Path) -> None:
     """Copy the configuration files that make a weights directory a loadable model."""
     for filename in CONFIG_FILES:
@@ -226,9 +250,10 @@ def stream_merge(
         writer = None
         if tmp_dir is not None:
             writer = TensorWriter(str(tmp_dir), max_shard_size=shard_size, safe_serialization=True)
+        reads = read_ahead(loaders, names, device)  # the next tensor is read during a merge
         for name in names:
             start = time.perf_counter()
-            tensors = [loader.get_tensor(name, device=device) for loader in loaders]
+            tensors = next(reads)
             check_shapes(name, tensors, paths)
             merged = merge_tensor(
                 record, name, tensors, resolve_parameters(parameters, name), ids, base_index
