@@ -342,7 +342,7 @@ def test_mutated_sae_evolve_parameters_end_in_the_guard_message_or_a_merge(merge
     findings = Findings()
     merged = []
 
-    @settings(SETTINGS, max_examples=150)
+    @settings(SETTINGS, max_examples=100)
     @given(document=mutated_parameters(merge_recipe))
     def one(document: dict) -> None:
         findings.tried += 1

@@ -16,7 +16,7 @@ from torch.func import functional_call
 from mergekit_sae.errors import OutputFolderError, UsageError
 from mergekit_sae.evaluate.spec import TaskSpec
 from mergekit_sae.landscape.directions import draw_directions, filter_normalize, point
-from mergekit_sae.landscape.grid import Entry, GridSettings, run_grid
+from mergekit_sae.landscape.grid import Entry, GridSettings, hessian_subset, run_grid
 from mergekit_sae.landscape.hessian import convexity, curvature
 from mergekit_sae.landscape.models import model_entry
 
@@ -273,3 +273,15 @@ def test_command_writes_the_maps_and_refuses_other_options(tmp_path: Path) -> No
     assert refused.exit_code == 1 and "other options" in refused.output
     missing = CliRunner().invoke(main, [*arguments, "--task", "nope"])
     assert missing.exit_code == 2 and "nope" in missing.output
+
+
+def test_hessian_subset_patterns() -> None:
+    names = [
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.1.mlp.up_proj.weight",
+        "lm_head.weight",
+    ]
+    assert hessian_subset(names, []) == names
+    assert hessian_subset(names, ["*layers.1.*", "lm_head*"]) == names[1:]
+    with pytest.raises(UsageError, match="layers.2"):
+        hessian_subset(names, ["*layers.2.*"])

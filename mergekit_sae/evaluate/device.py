@@ -16,14 +16,34 @@ R = TypeVar("R")
 logger = logging.getLogger(__name__)
 
 
+_said_cpu_fallback = False
+
+
 def resolve_device(device: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """Pick the device and the dtype to score on: CUDA with bf16 when present, else CPU fp32."""
+    """Pick the device and the dtype to score on: CUDA with bf16 when present, else CPU fp32.
+
+    ``auto`` without a GPU says once per process (one warning line) that it uses the CPU;
+    an explicit ``cuda`` without one is an error that says what torch sees.
+    """
+    global _said_cpu_fallback
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu" and not _said_cpu_fallback:
+            _said_cpu_fallback = True
+            logger.warning("device auto: no CUDA GPU found, merging and scoring on the CPU")
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} was requested but CUDA is not available")
+            build = "a CPU-only build" if torch.version.cuda is None else "no visible GPU"
+            raise ValueError(
+                f"device {device!r} was requested but CUDA is not available (torch "
+                f"{torch.__version__}: {build}); use device: auto or cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device!r} was requested but only {torch.cuda.device_count()} "
+                "CUDA device(s) are visible"
+            )
         bf16 = torch.cuda.is_bf16_supported()
         return dev, torch.bfloat16 if bf16 else torch.float16
     return dev, torch.float32
@@ -36,6 +56,27 @@ def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype) -> torc
     if isinstance(dtype, torch.dtype):
         return dtype
     return torch_dtype(dtype)
+
+
+def fitting_batch_size(
+    model: torch.nn.Module, device: torch.device, *, seq_len: int = 512, cap: int = 256
+) -> int | None:
+    """Sequences per forward that fit in half the free memory of a CUDA device (None on CPU).
+
+    The estimate per sequence is the logits (seq_len x vocab, fp32) plus the hidden states
+    kept per layer (seq_len x hidden x layers, the model's dtype) times 4 for attention and
+    MLP intermediates; :func:`map_batches` halves it further on an out-of-memory error.
+    """
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    config = getattr(model, "config", None)
+    hidden = getattr(config, "hidden_size", 4096)
+    layers = getattr(config, "num_hidden_layers", 32)
+    vocab = getattr(config, "vocab_size", 32000)
+    width = next(model.parameters()).element_size()
+    per_sequence = seq_len * (vocab * 4 + 4 * hidden * layers * width)
+    return max(1, min(cap, int(free * 0.5 // per_sequence)))
 
 
 def is_out_of_memory(error: BaseException) -> bool:

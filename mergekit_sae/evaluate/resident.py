@@ -12,7 +12,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from mergekit_sae.errors import WeightLoadError
-from mergekit_sae.evaluate.device import resolve_device, resolve_dtype
+from mergekit_sae.evaluate.device import fitting_batch_size, resolve_device, resolve_dtype
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -37,6 +37,8 @@ class ResidentModel:
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, **remote)
         self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype, **remote)
         self.model.to(self.device).eval()
+        # sequences per forward that fit the device's free memory (None on CPU: task defaults)
+        self.batch_size = fitting_batch_size(self.model, self.device)
 
     def load_weights(self, source: Mapping[str, Tensor] | str | Path) -> None:
         """Copy a state dict, a safetensors file or a model folder into the parameters in place.

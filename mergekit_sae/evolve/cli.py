@@ -46,6 +46,12 @@ def silence_progress_bars() -> None:
     default=None,
     help="Log every step to the Weights & Biases project PROJECT (as tracking.wandb.project).",
 )
+@click.option(
+    "--profile",
+    is_flag=True,
+    help="Record each step's peak memory and per-model times in history.jsonl "
+    "(as recipe field profile: true).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars and no summary.")
 def evolve(
     recipe: Path,
@@ -56,6 +62,7 @@ def evolve(
     allow_pickle: bool,
     tensorboard: str | None,
     wandb_project: str | None,
+    profile: bool,
     quiet: bool,
 ) -> None:
     """Evolve a merge of the recipe's models into OUT (model, recipe, history, plots, card)."""
@@ -70,6 +77,8 @@ def evolve(
     parsed = load_recipe(recipe)
     if allow_pickle:
         parsed = parsed.model_copy(update={"allow_pickle": True})
+    if profile:
+        parsed = parsed.model_copy(update={"profile": True})
     if tensorboard is not None or wandb_project is not None:
         from mergekit_sae.evolve.tracking import with_tracking
 

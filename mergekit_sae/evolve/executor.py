@@ -61,9 +61,15 @@ class ScoringWorker:
             torch.set_num_threads(threads)
         recipe = parse_recipe(recipe_data, "recipe (in a Ray worker)")
         device, _ = resolve_device(recipe.device)
-        resident = ResidentModel(model, device=str(device), dtype=recipe.eval_dtype)
+        resident = ResidentModel(
+            model,
+            device=str(device),
+            dtype=recipe.eval_dtype,
+            trust_remote_code=recipe.trust_remote_code,
+        )
         tasks = load_tasks(recipe, "recipe (in a Ray worker)")
-        self.evaluator = ResidentEvaluator(resident, tasks, batch_size=recipe.eval_batch_size)
+        batch_size = recipe.eval_batch_size or resident.batch_size  # sized to a GPU's memory
+        self.evaluator = ResidentEvaluator(resident, tasks, batch_size=batch_size)
 
     def score(self, weights: Any, items: Mapping[str, Sequence[Any]]) -> tuple[ItemScores, float]:
         """Per-item scores of the candidate at ``weights`` (a path or a state dict), and the
