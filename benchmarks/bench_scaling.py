@@ -1,12 +1,12 @@
 """Wall time per driver step against population size and against model size, with slopes.
 
-Population: 4, 8, 16 on the ~0.5B bf16 model (read from ``results/memory.json`` when
-bench_memory.py wrote it, else run here). Model size: three Llama shapes up to that model at
-population 4. Each point is one `evolve` run in a subprocess with the cheap probe scorer of
-bench_memory.py (so the driver is measured); the time of a step is the sum of its
+Population: 4, 8, 16, read from ``results/memory.json`` (bench_memory.py, whatever model it
+ran on). Model size: three Llama shapes up to the ~0.5B bf16 model at population 4 (a point
+bench_memory.py measured is reused; ``--large-point`` gives the largest one's run). Each
+point is one `evolve` run in a subprocess with the cheap probe scorer of bench_memory.py (so the driver is measured); the time of a step is the sum of its
 merge/write/load/score seconds. Writes ``results/scaling.{json,md,png}``.
 
-    python benchmarks/bench_scaling.py [--rerun-populations] [--keep]
+    python benchmarks/bench_scaling.py [--large-point run.json] [--keep]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def run_point(shape: dict[str, int], population: int, root: Path, threads: int |
     return driver_run(population, flags, root)
 
 
-def plot(populations, pop_times, sizes, size_times, path: Path) -> None:
+def plot(populations, pop_times, sizes, size_times, path: Path, title: str) -> None:
     """Two panels: step time against population, and against parameters."""
     import matplotlib
 
@@ -66,7 +66,7 @@ def plot(populations, pop_times, sizes, size_times, path: Path) -> None:
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
     left.plot(populations, pop_times, "o-")
-    left.set(xlabel="population size", ylabel="seconds per step", title="0.5B model")
+    left.set(xlabel="population size", ylabel="seconds per step", title=title)
     right.plot(sizes, size_times, "o-")
     right.set(xlabel="parameters (B)", ylabel="seconds per step", title="population 4")
     figure.tight_layout()
@@ -75,37 +75,42 @@ def plot(populations, pop_times, sizes, size_times, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rerun-populations", action="store_true")
+    parser.add_argument(
+        "--large-point", default=None, help="JSON of a bench_memory run of the largest shape"
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the cached models")
     args = parser.parse_args()
     from mergekit_sae.atomic import write_text
 
-    memory = RESULTS / "memory.json"
+    memory = json.loads((RESULTS / "memory.json").read_text())
+    memory_params = memory["model_mib"] * 2**20 / 2 / 1e9
+    by_population = {r["population"]: r for r in memory["runs"]}
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         root = Path(tmp)
-        if memory.is_file() and not args.rerun_populations:
-            by_population = {r["population"]: r for r in json.loads(memory.read_text())["runs"]}
-        else:
-            by_population = {p: run_point(LARGE, p, root, args.threads) for p in (4, 8, 16)}
-        size_runs = [
-            by_population[4] if shape == LARGE else run_point(shape, 4, root, args.threads)
-            for shape in SIZES
-        ]
+        size_runs = []
+        for shape in SIZES:
+            if abs(params_b(shape) - memory_params) < 0.01 * memory_params and 4 in by_population:
+                size_runs.append(by_population[4])  # measured by bench_memory.py
+            elif shape == LARGE and args.large_point:
+                size_runs.append(json.loads(Path(args.large_point).read_text()))
+            else:
+                size_runs.append(run_point(shape, 4, root, args.threads))
     populations = sorted(by_population)
     pop_times = [step_seconds(by_population[p]) for p in populations]
     sizes = [params_b(shape) for shape in SIZES]
     size_times = [step_seconds(run) for run in size_runs]
     per_member = slope(populations, pop_times)
     per_billion = slope(sizes, size_times)
-    plot(populations, pop_times, sizes, size_times, RESULTS / "scaling.png")
+    title = f"{memory_params:.2f}B model"
+    plot(populations, pop_times, sizes, size_times, RESULTS / "scaling.png", title)
     lines = [
         "# Driver step time: scaling",
         "",
         f"Load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (a shared machine: "
         "absolute seconds are noisy). One SAE step, cheap probe scorer, no re-scoring.",
         "",
-        "| population (0.5B model) | seconds per step |",
+        f"| population ({memory_params:.2f}B model) | seconds per step |",
         "|---:|---:|",
         *[f"| {p} | {t:.1f} |" for p, t in zip(populations, pop_times, strict=True)],
         "",

@@ -13,7 +13,7 @@ small noise) with random weights, then measures in one run, interleaved over rou
 Throughput is GB/s of bytes read plus bytes written to disk; each method's ratio is to the
 floor of the same round. The last line printed is one JSON object.
 
-    python benchmarks/bench_throughput.py [--rounds 3] [--hidden 1024 --layers 24] [--keep]
+    python benchmarks/bench_throughput.py [--rounds 3] [--hidden 1024 --layers 24] [--write]
 """
 
 from __future__ import annotations
@@ -220,6 +220,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--only", default=None, help="comma-separated subset of the methods")
     parser.add_argument("--keep", action="store_true", help="keep the cached models")
+    parser.add_argument("--write", action="store_true", help="write results/throughput.*")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -269,14 +270,18 @@ def main() -> None:
     gbps = {n: cases[n][1] / statistics.median(s) / 1e9 for n, s in seconds.items()}
     ratio = {n: statistics.median(r) for n, r in ratios.items()}
     params = size["a"] / 2 / 1e9
-    print(
+    header = (
         f"model: {params:.2f}B parameters (bfloat16, {size['a'] / 1e9:.2f} GB), {args.rounds} "
-        f"rounds, torch threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}"
+        f"rounds, torch threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} CPUs"
     )
+    print(header)
     print(f"{'case':<20}{'median s':>10}{'GB/s':>8}{'ratio to floor':>16}")
+    rows = []
     for name in cases:
         median = statistics.median(seconds[name])
         print(f"{name:<20}{median:>10.2f}{gbps[name]:>8.2f}{ratio[name]:>16.3f}")
+        rows.append(f"| {name} | {median:.2f} | {gbps[name]:.3f} | {ratio[name]:.3f} |")
     pruned = [n for n in ("sae_pruned_weights", "sae_pruned_delta") if n in cases]
     result = {
         "params_b": round(params, 3),
@@ -293,9 +298,22 @@ def main() -> None:
         result["ratio_sae_pruned"] = round(ratio[worst], 3)
     if "driver_resident" in cases:
         result["driver_ratio"] = round(ratio["driver_resident"], 3)
+    if args.write:
+        write_results(header, rows, result)
     if not args.keep:
         shutil.rmtree(CACHE / paths["a"].parent.name, ignore_errors=True)
     print(json.dumps(result))
+
+
+def write_results(header: str, rows: list[str], result: dict) -> None:
+    """benchmarks/results/throughput.{md,json}."""
+    from mergekit_sae.atomic import write_text
+
+    results = Path(__file__).parent / "results"
+    head = ["| case | median s | GB/s | ratio to floor |", "|---|---:|---:|---:|"]
+    table = "\n".join([*head, *rows])
+    write_text(results / "throughput.md", f"# Merge throughput\n\n{header}\n\n{table}\n")
+    write_text(results / "throughput.json", json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

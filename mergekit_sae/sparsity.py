@@ -79,16 +79,29 @@ def select_threshold(
     for level, shift in enumerate(range(key_bits - _DIGIT_BITS, -1, -_DIGIT_BITS)):
         hist = torch.zeros(1 << _DIGIT_BITS, dtype=torch.int64, device=device)
         for keys in key_chunks():
-            if level:
-                keys = keys[(keys >> (shift + _DIGIT_BITS)) == prefix]
-            digits = (keys >> shift) & ((1 << _DIGIT_BITS) - 1)
-            hist += torch.bincount(digits.to(torch.int32), minlength=1 << _DIGIT_BITS)
+            hist += _digit_histogram(keys, level, shift, prefix)
         at_or_above = hist.flip(0).cumsum(0)
         index = int(torch.searchsorted(at_or_above, remaining))
         digit = (1 << _DIGIT_BITS) - 1 - index
         remaining -= int(at_or_above[index]) - int(hist[digit])
         prefix = (prefix << _DIGIT_BITS) | digit
     return Threshold(prefix, remaining)
+
+
+def _digit_histogram(keys: Tensor, level: int, shift: int, prefix: int) -> Tensor:
+    """Counts of the 16-bit digit at ``shift`` among the keys whose higher digits are
+    ``prefix`` (all keys at level 0). Keys outside the prefix's range are clamped into two
+    overflow bins and dropped: arithmetic and one bincount, no boolean indexing."""
+    size = 1 << _DIGIT_BITS
+    if not level:
+        digits = keys >> shift
+        return torch.bincount(digits.to(torch.int32), minlength=size)
+    low = prefix << (shift + _DIGIT_BITS)
+    offsets = keys - low
+    if shift:
+        offsets = torch.div(offsets, 1 << shift, rounding_mode="floor")
+    bins = offsets.clamp_(-1, size).add_(1).to(torch.int32)
+    return torch.bincount(bins, minlength=size + 2)[1 : size + 1]
 
 
 class KeepMask:
@@ -171,13 +184,26 @@ class SparsityStats(NamedTuple):
 EMPTY_STATS = SparsityStats(0, 0, 0.0, 0.0)
 
 
+def count_nonzero(chunk: Tensor) -> int:
+    """Non-zero entries of a floating-point chunk: the sum of sign(|x|), exact in float32 up
+    to 2**24 entries and several times faster than ``torch.count_nonzero`` on CPU. sign(NaN)
+    is 0 here, so a chunk whose plain sum is not finite (a NaN or Inf in it), or a larger
+    chunk, is counted by ``torch.count_nonzero``."""
+    if not chunk.is_floating_point() or chunk.numel() > 1 << 24:
+        return int(torch.count_nonzero(chunk))
+    wide = torch.float64 if chunk.dtype == torch.float64 else torch.float32
+    if not math.isfinite(float(chunk.sum(dtype=wide))):
+        return int(torch.count_nonzero(chunk))
+    return int(chunk.abs().sign_().sum(dtype=wide))
+
+
 def sparsity_stats(
     tensor: Tensor, *, norms: bool = True, chunk: int = CHUNK_ELEMENTS
 ) -> SparsityStats:
     """Count zeros and (with `norms`) accumulate L1 and squared L2 norms in float64, by chunks."""
     zeros, l1, l2 = 0, 0.0, 0.0
     for part in _chunks(tensor.reshape(-1), chunk):
-        zeros += part.numel() - int(torch.count_nonzero(part))
+        zeros += part.numel() - count_nonzero(part)
         if norms:
             wide = part.to(torch.float64, copy=True)  # one copy, in place: |x|, then |x|^2
             l1 += float(wide.abs_().sum())

@@ -209,9 +209,10 @@ def markdown(rows: Sequence[Row], tasks: Sequence[str], command: str, budget: in
             "exactly-zero elements of the final model (of its task vector when the recipe "
             "prunes deltas); repetition = share of the final model's test generations that "
             f"loop (a whitespace {DEFAULT_N}-gram occurring {DEFAULT_THRESHOLD} or more "
-            "times), distinct-2 = distinct "
-            "bigrams / all bigrams of those generations (n/a: no task generates); calibration "
-            "passes = forward + backward passes of a calibration run (not evaluations).",
+            "times), distinct-2 = distinct bigrams / all bigrams of those generations (n/a: not "
+            "measured: no task generates, or the run was scored without the metric); "
+            "calibration passes = forward + backward passes of a calibration run (not "
+            "evaluations).",
             "",
             method_table(rows, tasks),
             "",
@@ -224,20 +225,36 @@ def markdown(rows: Sequence[Row], tasks: Sequence[str], command: str, budget: in
 
 
 def curve_figure(curves: dict[str, list[tuple[int, float]]]) -> Figure:
-    """Best training performance against evaluations used, one line per method."""
-    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    """Best training performance against evaluations used: the searches as bold lines, the
+    sweep variants (``sae[...]``) as thin dashed ones, each in its own colour."""
+    from matplotlib import colormaps
+
+    figure = Figure(figsize=(9, 5), layout="constrained")
     axes = figure.add_subplot()
+    palettes = {False: colormaps["tab10"].colors, True: colormaps["tab20b"].colors}
+    counts = {False: 0, True: 0}
     for method, points in curves.items():
-        if points:
-            xs, ys = zip(*points, strict=True)
-            axes.plot(xs, [100 * y for y in ys], marker=".", label=method)
+        xs, ys = zip(*points, strict=True)
+        variant = "[" in method
+        colour = palettes[variant][counts[variant] % len(palettes[variant])]
+        counts[variant] += 1
+        axes.plot(
+            xs,
+            [100 * y for y in ys],
+            color=colour,
+            linewidth=1.0 if variant else 2.2,
+            linestyle="--" if variant else "-",
+            marker=None if variant else ".",
+            label=method,
+        )
     axes.set(
         xlabel="fitness evaluations used",
         ylabel="best member's training performance (%)",
         title="Search progress (mean over seeds)",
     )
     axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
+    if curves:
+        axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     return figure
 
 

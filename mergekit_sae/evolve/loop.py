@@ -367,6 +367,7 @@ def run_step(ctx: RunContext, state: RunState, step: int) -> StepRecord:
         record.info["profile"] = {
             "peak_rss_mib": round(peak_rss_mib(), 1),
             "rss_mib": round(rss_mib(), 1),
+            "rss_anon_mib": round(rss_mib("RssAnon"), 1),
             "models_scored": len(driver.scored),
             "seconds_per_model": {k: v / made for k, v in driver.seconds.items()},
         }

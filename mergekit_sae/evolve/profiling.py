@@ -36,11 +36,14 @@ def peak_rss_mib() -> float:
     return peak / 1024**2 if sys.platform == "darwin" else peak / 1024
 
 
-def rss_mib() -> float:
-    """Current resident memory of this process in MiB (0.0 where it cannot be read)."""
+def rss_mib(field: str = "VmRSS") -> float:
+    """Current resident memory of this process in MiB (0.0 where it cannot be read).
+
+    ``field`` "RssAnon" counts only anonymous memory (tensors, the scoring model), without the
+    file pages of memory-mapped weights, which the kernel can drop at any time."""
     try:
         for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
