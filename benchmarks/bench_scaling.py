@@ -3,8 +3,9 @@
 Population: 4, 8, 16, read from ``results/memory.json`` (bench_memory.py, whatever model it
 ran on). Model size: three Llama shapes up to the ~0.5B bf16 model at population 4 (a point
 bench_memory.py measured is reused; ``--large-point`` gives the largest one's run). Each
-point is one `evolve` run in a subprocess with the cheap probe scorer of bench_memory.py (so the driver is measured); the time of a step is the sum of its
-merge/write/load/score seconds. Writes ``results/scaling.{json,md,png}``.
+point is one `evolve` run in a subprocess with the cheap probe scorer of bench_memory.py (so
+the driver is measured); a step's time is the sum of its merge/write/load/score seconds.
+Writes ``results/scaling.{json,md,png}``.
 
     python benchmarks/bench_scaling.py [--large-point run.json] [--keep]
 """
