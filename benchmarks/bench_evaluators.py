@@ -219,8 +219,8 @@ def main() -> None:
                     hf_generate, model, tokenizer, prompts, args.max_new_tokens, args.batch_size
                 )
                 print(
-                    f"{'':22} generation alone: KV-cache loop {n / t_loop:.1f} it/s, "
-                    f"model.generate {n / t_hf:.1f} it/s ({t_hf / t_loop:.1f}x)"
+                    f"{'':22} generation alone: greedy_generate {n / t_loop:.1f} it/s, "
+                    f"plain model.generate {n / t_hf:.1f} it/s ({t_hf / t_loop:.1f}x)"
                 )
         print("ratio = built-in items/s divided by lm-eval items/s (target >= 2x)")
 

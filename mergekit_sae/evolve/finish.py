@@ -135,6 +135,7 @@ def report(
             None,
             device=ctx.device,
             sink=ctx.evaluator.receive,
+            stats_base=ctx.base if ctx.recipe.merge.prune_target == "delta" else None,
         )
         measure = ctx.recipe.merge.sparsity_measure
         linear.sparsity = sparsity_from_stats(outcome.stats, measure)

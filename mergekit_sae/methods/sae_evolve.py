@@ -37,7 +37,9 @@ from mergekit_sae.sparsity import (
     CHUNK_ELEMENTS,
     EMPTY_STATS,
     KeepMask,
+    SparsityStats,
     Threshold,
+    count_nonzero,
     magnitude_keys,
     select_threshold,
     sparsity_from_stats,
@@ -276,7 +278,10 @@ def sae_merge(
     plan = _MixPlan(tensors, dtype, base if prune_target == "delta" else None, dense_reference)
     masks = [plan.parent_mask(i, d) for i, d in enumerate(densities)]
     if rhos is None:
-        rhos = [plan.parent_sparsity(i, mask, sparsity_measure) for i, mask in enumerate(masks)]
+        rhos = [
+            plan.parent_sparsity(i, mask, sparsity_measure, density)
+            for i, (mask, density) in enumerate(zip(masks, densities, strict=True))
+        ]
     weights = _mixing_weights(scores, rhos, sparsity_weight, labels, name)
     return plan.mix(masks, weights, renormalize, offspring_density, _promoted_dtype(tensors))
 
@@ -359,13 +364,29 @@ class _MixPlan:
             return torch.zeros_like(part)
         return part * keep(self._keys(index, span, part))  # a pruned -0 mixes like +0
 
+    def _nonzero(self, index: int, span: slice) -> int:
+        """Non-zeros of parent ``index``'s part on a span (of the stored values: weights)."""
+        if self.origin is None:
+            return count_nonzero(self.flats[index][span])
+        return count_nonzero(self._part(index, span, self._origin(span)))
+
     def _pruned_chunks(self, index: int, mask: object, size: int) -> Iterator[Tensor]:
         keep = KeepMask(mask) if isinstance(mask, Threshold) else None
         for span in self._spans(size):
             yield self._pruned(index, span, mask, keep, self._origin(span))
 
-    def parent_sparsity(self, index: int, mask: object, measure: str) -> float:
-        """rho of the pruned parent, summed over CHUNK_ELEMENTS chunks as sparsity() does."""
+    def parent_sparsity(self, index: int, mask: object, measure: str, density: float) -> float:
+        """rho of the pruned parent, summed over CHUNK_ELEMENTS chunks as sparsity() does.
+
+        zero_count needs no pruned copy: pruning to k entries keeps the k largest magnitudes,
+        so it leaves min(k, non-zeros) non-zeros (zeros have the smallest key)."""
+        if measure == "zero_count" and mask is not _KEEP_NONE:
+            nonzero = sum(self._nonzero(index, span) for span in self._spans())
+            if isinstance(mask, Threshold):
+                nonzero = min(nonzero, round(density * self.numel))
+            return sparsity_from_stats(
+                SparsityStats(self.numel, self.numel - nonzero, 0, 0), measure
+            )
         norms = measure == "magnitude"
         size = CHUNK_ELEMENTS if norms else MIX_CHUNK
         stats = EMPTY_STATS
