@@ -199,37 +199,42 @@ def table(runs: list[dict[str, Any]], size_mib: float) -> str:
     return "\n".join(lines)
 
 
+def write_results(runs: list[dict[str, Any]], size_mib: float, args: argparse.Namespace) -> None:
+    """Print and write results/memory.{md,json} for the runs so far."""
+    import os
+
+    from mergekit_sae.atomic import write_text
+
+    text = (
+        f"Model: {size_mib:.0f} MiB in bfloat16 ({size_mib * 2**20 / 2 / 1e9:.2f}B parameters), "
+        f"{args.steps} step(s), rescore_population {args.rescore}, load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs. Peak RSS of the driver process "
+        "(initial population included; memory-mapped weight files count in RSS, not in anon); "
+        "step seconds of the last step.\n\n" + table(runs, size_mib)
+    )
+    print(text, flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    result = {"model_mib": round(size_mib, 1), "runs": runs}
+    write_text(RESULTS / "memory.json", json.dumps(result, indent=2) + "\n")
+    write_text(RESULTS / "memory.md", "# Driver memory by population size\n\n" + text + "\n")
+
+
 def main() -> None:
     args = parser().parse_args()
     if args.child:
         child(args)
         return
-    import os
-
-    from mergekit_sae.atomic import write_text
-
     paths = build_models(args.hidden, args.layers, args.intermediate, args.vocab)
     size_mib = model_bytes(paths["a"]) / 2**20
+    runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        runs = [driver_run(int(p), args, Path(tmp)) for p in args.populations.split(",")]
-    text = (
-        f"Model: {size_mib:.0f} MiB in bfloat16 ({size_mib * 2**20 / 2 / 1e9:.2f}B parameters), "
-        f"{args.steps} step(s), rescore_population {args.rescore}, load average "
-        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs. Peak RSS of the driver process "
-        "(initial population included); step seconds of the last step.\n\n" + table(runs, size_mib)
-    )
-    print(text)
-    RESULTS.mkdir(exist_ok=True)
-    result = {"model_mib": round(size_mib, 1), "runs": runs}
-    write_text(RESULTS / "memory.json", json.dumps(result, indent=2) + "\n")
-    write_text(RESULTS / "memory.md", "# Driver memory by population size\n\n" + text + "\n")
+        for population in args.populations.split(","):
+            runs.append(driver_run(int(population), args, Path(tmp)))
+            write_results(runs, size_mib, args)  # after each size: partial results survive
     if not args.keep:
         shutil.rmtree(CACHE / paths["a"].parent.name, ignore_errors=True)
-    print(
-        json.dumps(
-            {"model_mib": result["model_mib"], "peak_rss_mib": [r["peak_rss_mib"] for r in runs]}
-        )
-    )
+    peaks = [run["peak_rss_mib"] for run in runs]
+    print(json.dumps({"model_mib": round(size_mib, 1), "peak_rss_mib": peaks}))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 cannot do itself.
 
 - ``importance RECIPE OUT_DIR``: functional importance from calibration prompts, one
-  safetensors file per donor, a JSON sidecar, and OUT_DIR/recipe.yml pointing at the files.
+  safetensors file per donor, a JSON sidecar, and OUT_DIR/recipe.yml pointing at the files;
+  gradients layer by layer by default (``--granularity model``: one pass).
 - ``threshold RECIPE OUT_RECIPE``: the model-wide cut-off for ``selection: global``, written
   into a copy of the recipe.
 
@@ -67,6 +68,14 @@ def _write_yaml(path: Path, recipe: dict) -> None:
     default=None,
     help="model dtype [default: bfloat16 on CUDA, float32 on CPU]",
 )
+@click.option(
+    "--granularity",
+    type=click.Choice(["layer", "model"]),
+    default="layer",
+    show_default=True,
+    help="gradients one decoder layer at a time (least memory, one pass per layer) "
+    "or of the whole model in one pass (fastest, model-sized gradients)",
+)
 def importance(
     recipe: Path,
     out_dir: Path,
@@ -77,6 +86,7 @@ def importance(
     max_length: int,
     device: str,
     dtype: str | None,
+    granularity: str,
 ) -> None:
     """Compute functional importance -g * delta of each donor into OUT_DIR."""
     from tqdm import tqdm
@@ -108,6 +118,7 @@ def importance(
         dtype=resolve_dtype(dtype, default_dtype),
         batch_size=batch_size,
         max_length=max_length,
+        granularity=granularity,
         progress=lambda batches, desc: tqdm(batches, desc=desc, leave=False),
     )
     per_donor = {d["model"]: {"importance": d["file"]} for d in report["donors"]}
@@ -116,7 +127,8 @@ def importance(
     click.echo(
         f"calibration: {report['items']} prompts, {report['tokens']} tokens, "
         f"{report['batches']} batches; passes: {passes['forward']} forward, "
-        f"{passes['backward']} backward"
+        f"{passes['backward']} backward ({report['gradient_groups']} gradient group(s), "
+        f"granularity {report['granularity']})"
     )
     for donor in report["donors"]:
         click.echo(f"{donor['model']}: KL(anchor || donor) = {donor['kl']:.6g} -> {donor['file']}")

@@ -1,5 +1,6 @@
 """`scf_rkl` functional importance: the KL against direct computations, -g*delta against finite
-differences, and `mergekit-sae scf-rkl importance` feeding plain `mergekit-yaml`."""
+differences, layer-by-layer gradients against the single pass, and `mergekit-sae scf-rkl
+importance` feeding plain `mergekit-yaml`."""
 
 from __future__ import annotations
 
@@ -12,15 +13,19 @@ import yaml
 from click.testing import CliRunner
 from mergekit.merge_methods import merge_tensors
 from method_fixtures import load_weights, run_cli, write_recipe
+from safetensors import safe_open
 from safetensors.torch import load_file
 from tiny_models import make_llama
 
 from mergekit_sae.methods import register_all
 from mergekit_sae.methods.scf_rkl_importance import (
+    NON_LAYER_GROUP,
     SIDECAR,
+    compute_importance,
     functional_scores,
     kl_gradients,
     next_token_kl,
+    parameter_groups,
     target_log_probs,
     tokenize_batches,
 )
@@ -112,13 +117,94 @@ def test_scores_match_a_finite_difference_of_the_kl(tokenizer):
             assert score == pytest.approx(finite_difference, rel=1e-2, abs=1e-7), (name, index)
 
 
-def save_pair(root: Path, tokenizer) -> dict[str, Path]:
-    anchor, donor = pair(len(tokenizer), torch.float32)
+def test_parameter_groups_are_the_decoder_layers_then_the_rest():
+    names = [name for name, _ in make_llama(0, num_hidden_layers=3).named_parameters()]
+    groups = parameter_groups(names, "layer")
+    expected = [(f"layer {i}", [n for n in names if f".layers.{i}." in n]) for i in range(3)]
+    expected.append((NON_LAYER_GROUP, [n for n in names if ".layers." not in n]))
+    assert groups == expected
+    assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} == set(
+        expected[-1][1]
+    )
+    assert parameter_groups(names, "model") == [("model", names)]
+    with pytest.raises(ValueError, match="granularity"):
+        parameter_groups(names, "row")
+
+
+def test_one_groups_gradients_equal_the_full_pass_and_only_it_requires_grad(tokenizer):
+    anchor, donor = pair(len(tokenizer))
+    batches = tokenize_batches(tokenizer, PROMPTS, 2, 32)
+    targets = target_log_probs(donor, batches, CPU)
+    full, full_kl = kl_gradients(anchor, batches, targets, CPU)
+    names = [n for n in full if ".layers.1." in n]
+    seen = []
+
+    def record(module, _args):
+        seen.append({n for n, p in module.named_parameters() if p.requires_grad})
+
+    hook = anchor.register_forward_pre_hook(record)
+    part, kl = kl_gradients(anchor, batches, targets, CPU, names=names)
+    hook.remove()
+    assert seen == [set(names)] * len(batches)
+    assert list(part) == names and kl == pytest.approx(full_kl, rel=1e-12)
+    for name in names:
+        torch.testing.assert_close(part[name], full[name], rtol=1e-12, atol=1e-15)
+    assert not any(p.requires_grad or p.grad is not None for p in anchor.parameters())
+
+
+def save_pair(root: Path, tokenizer, dtype=torch.float32) -> dict[str, Path]:
+    anchor, donor = pair(len(tokenizer), dtype)
     paths = {"anchor": root / "anchor", "donor": root / "donor"}
     for key, model in (("anchor", anchor), ("donor", donor)):
         model.save_pretrained(paths[key], safe_serialization=True)
         tokenizer.save_pretrained(paths[key])
     return paths
+
+
+def test_layer_granularity_writes_the_single_pass_scores(tmp_path, tokenizer):
+    paths = save_pair(tmp_path, tokenizer, torch.float64)
+    run = {
+        granularity: compute_importance(
+            str(paths["anchor"]),
+            [str(paths["donor"])],
+            PROMPTS,
+            tmp_path / granularity,
+            device=CPU,
+            dtype=torch.float64,
+            batch_size=2,
+            granularity=granularity,
+        )
+        for granularity in ("layer", "model")
+    }
+    batches, groups = 3, 2 + 1  # 5 prompts in batches of 2; 2 decoder layers + the rest
+    assert run["model"]["calibration_passes"] == {"forward": 2 * batches, "backward": batches}
+    layer_passes = {"forward": batches + groups * batches, "backward": groups * batches}
+    assert run["layer"]["calibration_passes"] == layer_passes
+    assert (run["layer"]["gradient_groups"], run["model"]["gradient_groups"]) == (groups, 1)
+    sidecar = json.loads((tmp_path / "layer" / SIDECAR).read_text())
+    assert sidecar["granularity"] == "layer" and sidecar["calibration_passes"] == layer_passes
+    kl = {g: r["donors"][0]["kl"] for g, r in run.items()}
+    assert kl["layer"] == pytest.approx(kl["model"], rel=1e-12)
+
+    # independent reference: the in-memory models, one full pass, -g * delta
+    anchor, donor = pair(len(tokenizer), torch.float64)
+    batch_list = tokenize_batches(tokenizer, PROMPTS, 2, 256)
+    grads, _ = kl_gradients(anchor, batch_list, target_log_probs(donor, batch_list, CPU), CPU)
+    anchor_state = {n: p.detach() for n, p in anchor.named_parameters()}
+    donor_state = {n: p.detach() for n, p in donor.named_parameters()}
+    expected = functional_scores(grads, anchor_state, donor_state.__getitem__)
+    for granularity, report in run.items():
+        file = report["donors"][0]["file"]
+        scores = load_file(file)
+        assert sorted(scores) == sorted(expected), granularity
+        with safe_open(file, framework="pt") as handle:
+            assert handle.metadata() == {"format": "pt", "donor": str(paths["donor"])}
+        for name, score in scores.items():
+            assert score.dtype == torch.float64, name
+            torch.testing.assert_close(score, expected[name], rtol=1e-10, atol=1e-14)
+    layer, model = (load_file(run[g]["donors"][0]["file"]) for g in ("layer", "model"))
+    for name in model:
+        torch.testing.assert_close(layer[name], model[name], rtol=1e-12, atol=1e-15)
 
 
 def test_importance_command_feeds_plain_mergekit_yaml(tmp_path, tokenizer):
@@ -139,10 +225,12 @@ def test_importance_command_feeds_plain_mergekit_yaml(tmp_path, tokenizer):
     args = ["importance", str(recipe), str(out_dir), "--data", str(data), "--items", "4"]
     result = CliRunner().invoke(scf_rkl_command, [*args, "--batch-size", "3", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert "passes: 4 forward, 2 backward" in result.output
+    # default --granularity layer: 2 donor forwards, then 2 batches x (2 layers + the rest)
+    assert "passes: 8 forward, 6 backward (3 gradient group(s), granularity layer)" in result.output
 
     sidecar = json.loads((out_dir / SIDECAR).read_text())
-    assert sidecar["calibration_passes"] == {"forward": 4, "backward": 2}
+    assert sidecar["calibration_passes"] == {"forward": 8, "backward": 6}
+    assert sidecar["granularity"] == "layer" and sidecar["gradient_groups"] == 3
     assert sidecar["items"] == 4 and sidecar["batches"] == 2 and sidecar["peak_rss_mib"] > 0
     scores = load_file(out_dir / "donor_0.safetensors")
     anchor, donor = (load_weights(paths[k]) for k in ("anchor", "donor"))

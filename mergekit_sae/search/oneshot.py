@@ -111,6 +111,7 @@ def functional_importance(recipe: Any, driver: Driver, parents: list[str]) -> di
         dtype=resolve_dtype(recipe.eval_dtype, default_dtype),
         batch_size=recipe.eval_batch_size or CALIBRATION_BATCH,
         max_length=CALIBRATION_MAX_LENGTH,
+        granularity="layer",
     )
 
 
