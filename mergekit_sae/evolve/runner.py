@@ -162,7 +162,8 @@ def resident_evaluator(recipe: Recipe, inputs: ResolvedInputs, tasks: list) -> E
         dtype=recipe.eval_dtype,
         trust_remote_code=recipe.trust_remote_code,
     )
-    return ResidentEvaluator(resident, tasks, batch_size=recipe.eval_batch_size)
+    batch_size = recipe.eval_batch_size or resident.batch_size  # sized to a GPU's memory
+    return ResidentEvaluator(resident, tasks, batch_size=batch_size)
 
 
 def configure_torch(recipe: Recipe, device: str) -> None:
