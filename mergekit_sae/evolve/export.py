@@ -23,7 +23,12 @@ from pathlib import Path
 import click
 
 from mergekit_sae.errors import MergeInputError, OutputFolderError, UsageError
-from mergekit_sae.evolve.merging import DEFAULT_SHARD_SIZE, stream_merge
+from mergekit_sae.evolve.merging import (
+    DEFAULT_SHARD_SIZE,
+    stage_inputs,
+    stats_reference,
+    stream_merge,
+)
 from mergekit_sae.evolve.population import Member, lineage, member_dir
 from mergekit_sae.sparsity import sparsity_from_stats
 
@@ -79,19 +84,15 @@ class Rebuilder:
         if member.merge is None:
             raise MergeInputError(f"{member.id}: original model {member.path} is missing")
         record = member.merge
-        inputs = []
-        for item in record.inputs:
-            if item.member is not None:
-                inputs.append(self.on_disk(self.members[item.member]))
-            else:
-                inputs.append(Path(str(item.model)))
-        base = self.base if record.base_model is not None else None
-        if record.base_member is not None:
-            base = self.on_disk(self.members[record.base_member])
+        inputs, base = stage_inputs(
+            record,
+            lambda i: self.on_disk(self.members[i]),  # type: ignore[arg-type,return-value]
+            self.base,
+        )
         target = self.cache / member.id
         outcome = stream_merge(
             record,
-            inputs,  # type: ignore[arg-type]
+            inputs,
             base,
             target,
             device=self.device,
@@ -127,7 +128,7 @@ def run_rebuilder(
         out,
         cache,
         base=base,
-        stats_base=base if prune_target == "delta" else None,
+        stats_base=stats_reference(prune_target, base),
         device=device,
         shard_size=shard_size,
     )

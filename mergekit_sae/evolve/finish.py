@@ -24,7 +24,7 @@ from mergekit_sae.evolve.card import write_card
 from mergekit_sae.evolve.checkpoint import RunState, save_state, work_dir
 from mergekit_sae.evolve.export import run_rebuilder
 from mergekit_sae.evolve.loop import RunContext, task_weights, test_items
-from mergekit_sae.evolve.merging import CONFIG_FILES, stream_merge
+from mergekit_sae.evolve.merging import CONFIG_FILES, stats_reference, stream_merge
 from mergekit_sae.evolve.plots import write_plots
 from mergekit_sae.evolve.population import (
     Member,
@@ -135,7 +135,7 @@ def report(
             None,
             device=ctx.device,
             sink=ctx.evaluator.receive,
-            stats_base=ctx.base if ctx.recipe.merge.prune_target == "delta" else None,
+            stats_base=stats_reference(ctx.recipe.merge.prune_target, ctx.base),
         )
         measure = ctx.recipe.merge.sparsity_measure
         linear.sparsity = sparsity_from_stats(outcome.stats, measure)

@@ -31,7 +31,14 @@ from mergekit_sae import faults
 from mergekit_sae.evaluate import subsample
 from mergekit_sae.evolve.checkpoint import RunState, population_dir, save_state
 from mergekit_sae.evolve.executor import executor_for
-from mergekit_sae.evolve.merging import DEFAULT_SHARD_SIZE, MergeOutcome, model_stats, stream_merge
+from mergekit_sae.evolve.merging import (
+    DEFAULT_SHARD_SIZE,
+    MergeOutcome,
+    model_stats,
+    stage_inputs,
+    stats_reference,
+    stream_merge,
+)
 from mergekit_sae.evolve.population import (
     Member,
     OffspringRecord,
@@ -143,15 +150,9 @@ def merge_member(
     """Stream the merge a member's record describes into its directory (and, with ``sink``,
     into the evaluator: through ``receive`` when given, else ``ctx.evaluator.receive``)."""
     assert member.merge is not None
-    inputs = []
-    for item in member.merge.inputs:
-        if item.member is not None:
-            inputs.append(member_dir(state.members[item.member], ctx.out))
-        else:
-            inputs.append(Path(str(item.model)))
-    base = ctx.base if member.merge.base_model is not None else None
-    if member.merge.base_member is not None:
-        base = member_dir(state.members[member.merge.base_member], ctx.out)
+    inputs, base = stage_inputs(
+        member.merge, lambda i: member_dir(state.members[i], ctx.out), ctx.base
+    )
     outcome = stream_merge(
         member.merge,
         inputs,
@@ -160,7 +161,7 @@ def merge_member(
         device=ctx.device,
         sink=(receive or ctx.evaluator.receive) if sink else None,
         shard_size=ctx.shard_size,
-        stats_base=ctx.base if ctx.recipe.merge.prune_target == "delta" else None,
+        stats_base=stats_reference(ctx.recipe.merge.prune_target, ctx.base),
     )
     apply_stats(member, outcome.stats, ctx.recipe.merge.sparsity_measure)
     return outcome
@@ -180,7 +181,8 @@ def original_member(ctx: RunContext, state: RunState, name: str, path: Path, ori
     identifier = member_id(state.next_member)
     state.next_member += 1
     member = Member(id=identifier, path=str(path), origin=origin, source=name)  # type: ignore[arg-type]
-    delta_base = ctx.base if ctx.recipe.merge.prune_target == "delta" and origin != "base" else None
+    reference = stats_reference(ctx.recipe.merge.prune_target, ctx.base)
+    delta_base = reference if origin != "base" else None
     apply_stats(member, model_stats(path, delta_base), ctx.recipe.merge.sparsity_measure)
     state.members[identifier] = member
     return identifier

@@ -213,6 +213,25 @@ def copy_config(reference: Path, out_dir: Path) -> None:
             shutil.copy2(reference / filename, out_dir / filename)
 
 
+def stats_reference(prune_target: str, base: Path | None) -> Path | None:
+    """The model sparsity is measured against: the base when the recipe prunes task vectors."""
+    return base if prune_target == "delta" else None
+
+
+def stage_inputs(
+    record: MergeRecord, folder_of: Callable[[str], Path], base: Path | None
+) -> tuple[list[Path], Path | None]:
+    """The input folders of a recorded stage (members through ``folder_of``, original models
+    by name) and its base: the base member, else ``base`` when the stage names the recipe's."""
+    inputs = [
+        folder_of(item.member) if item.member is not None else Path(str(item.model))
+        for item in record.inputs
+    ]
+    if record.base_member is not None:
+        return inputs, folder_of(record.base_member)
+    return inputs, base if record.base_model is not None else None
+
+
 def stream_merge(
     record: MergeRecord,
     inputs: Sequence[Path],
