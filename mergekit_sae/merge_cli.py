@@ -51,17 +51,19 @@ def _floating_tensors(
     model: ModelReference, base: ModelReference | None, dtype: torch.dtype | None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Stream (tensor, base tensor or None) pairs of a model's floating-point weights."""
+    from mergekit_sae.evolve.merging import read_tensor
+
     loader = LoaderCache().get(model)
     base_loader = LoaderCache().get(base) if base is not None else None
     for name in sorted(loader.index.tensor_paths):
-        tensor = loader.get_tensor(name, device="cpu")
+        tensor = read_tensor(loader, name)
         if not tensor.is_floating_point():
             continue
         if dtype is not None:
             tensor = tensor.to(dtype)
         base_tensor = None
         if base_loader is not None:
-            base_tensor = base_loader.get_tensor(name, device="cpu").to(tensor.dtype)
+            base_tensor = read_tensor(base_loader, name).to(tensor.dtype)
         yield tensor, base_tensor
 
 

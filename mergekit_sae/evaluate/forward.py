@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -57,14 +58,21 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def cache_argument(model, cache) -> dict[str, object]:
+    """The key-value cache as the model's forward takes it: ``cache`` since transformers
+    renamed it (the old ``past_key_values`` then warns), ``past_key_values`` before."""
+    parameters = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in parameters else "past_key_values": cache}
+
+
 def forward_cached(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache):
     """One forward pass that extends `cache` and returns logits of the last position only."""
     out = model(
         input_ids=ids,
         attention_mask=mask,
         position_ids=positions,
-        past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
+        **cache_argument(model, cache),
     )
     return out.logits[:, -1]

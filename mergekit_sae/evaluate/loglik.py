@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 from mergekit_sae.evaluate.device import map_batches
 from mergekit_sae.evaluate.forward import (
+    cache_argument,
     encode,
     forward_cached,
     left_pad,
@@ -118,8 +119,8 @@ def _score_shared_context(
         input_ids=tail_ids.to(device),
         attention_mask=torch.cat([mask[source], tail_mask.to(device)], dim=1),
         position_ids=context_lengths[:, None] + torch.arange(width, device=device),
-        past_key_values=cache,
         use_cache=True,
+        **cache_argument(model, cache),
     )
     logprobs = torch.log_softmax(out.logits.float(), dim=-1)
     picked = logprobs.gather(-1, targets.to(device)[..., None]).squeeze(-1)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -52,25 +51,23 @@ class ResidentModel:
 def copy_weights(model: torch.nn.Module, source: Mapping[str, Tensor] | str | Path) -> None:
     """Copy weights from source into model's existing tensors (see ResidentModel.load_weights)."""
     what = "state dict" if isinstance(source, Mapping) else str(source)
-    shapes, read = _open_source(source)
-    with ExitStack() as stack:
-        get = read(stack)
-        targets = model.state_dict()
-        groups = _tied_groups(targets)
-        check_fits(shapes, targets, what)
-        missing = [names[0] for names in groups if not any(n in shapes for n in names)]
-        if missing:
-            raise WeightLoadError(
-                f"{what}: {len(missing)} tensor(s) of the model are missing: {_sample(missing)}"
-            )
-        plan = []
-        for names in groups:
-            present = [n for n in names if n in shapes]
-            _check_tied(present, get, what)
-            plan.append((present[0], names[0]))
-        with torch.no_grad():
-            for source_name, target_name in plan:
-                targets[target_name].copy_(get(source_name))
+    shapes, get = _open_source(source)
+    targets = model.state_dict()
+    groups = _tied_groups(targets)
+    check_fits(shapes, targets, what)
+    missing = [names[0] for names in groups if not any(n in shapes for n in names)]
+    if missing:
+        raise WeightLoadError(
+            f"{what}: {len(missing)} tensor(s) of the model are missing: {_sample(missing)}"
+        )
+    plan = []
+    for names in groups:
+        present = [n for n in names if n in shapes]
+        _check_tied(present, get, what)
+        plan.append((present[0], names[0]))
+    with torch.no_grad():
+        for source_name, target_name in plan:
+            targets[target_name].copy_(get(source_name))
 
 
 def check_fits(
@@ -117,11 +114,16 @@ def _sample(names: list[str], k: int = 5) -> str:
 
 def _open_source(
     source: Mapping[str, Tensor] | str | Path,
-) -> tuple[dict[str, tuple[int, ...]], Callable[[ExitStack], Callable[[str], Tensor]]]:
-    """Shapes of the source's tensors, and a reader factory that fetches one tensor by name."""
+) -> tuple[dict[str, tuple[int, ...]], Callable[[str], Tensor]]:
+    """Shapes of the source's tensors, and a reader that fetches one tensor by name.
+
+    The reader opens the tensor's file for each read: safetensors returns views of a map of
+    the whole file, so a file held open would keep every page read so far in the process's
+    RSS, a second copy of the model beside the resident one.
+    """
     if isinstance(source, Mapping):
         shapes = {name: tuple(t.shape) for name, t in source.items()}
-        return shapes, lambda stack: source.__getitem__
+        return shapes, source.__getitem__
     files = _safetensors_files(Path(source))
     shapes, location = {}, {}
     for file in files:
@@ -134,11 +136,11 @@ def _open_source(
                 shapes[name] = tuple(f.get_slice(name).get_shape())
                 location[name] = file
 
-    def reader(stack: ExitStack) -> Callable[[str], Tensor]:
-        handles = {f: stack.enter_context(safe_open(f, framework="pt")) for f in files}
-        return lambda name: handles[location[name]].get_tensor(name)
+    def read(name: str) -> Tensor:
+        with safe_open(location[name], framework="pt") as handle:
+            return handle.get_tensor(name)
 
-    return shapes, reader
+    return shapes, read
 
 
 def _safetensors_files(path: Path) -> list[Path]:

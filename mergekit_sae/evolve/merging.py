@@ -2,10 +2,10 @@
 
 Inputs are read with ``mergekit.io.LazyTensorLoader`` (one tensor resident per input), merged
 with ``mergekit.merge_methods.merge_tensors`` and the method named by a :class:`MergeRecord`,
-handed to an optional sink (the resident scoring model) and written as safetensors shards into
-a temporary folder swapped into place only when complete (``mergekit_sae.atomic``). Memory stays at
-a few tensors whatever the model size; the written model is exactly what the same MergeKit
-stage produces.
+handed to an optional sink (the resident scoring model) and written straight to safetensors
+shards (``mergekit_sae.shard_writer``) in a temporary folder swapped into place only when
+complete (``mergekit_sae.atomic``). Memory stays at a few tensors whatever the model size;
+the written tensors are exactly what the same MergeKit stage produces.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from mergekit.io import LazyTensorLoader, ShardedTensorIndex, TensorWriter
+from mergekit.io import LazyTensorLoader, ShardedTensorIndex
 
 from mergekit_sae import faults
 from mergekit_sae.atomic import atomic_dir, fsync_dir, publish_dir
@@ -27,6 +27,7 @@ from mergekit_sae.dtypes import DTYPES, dtype_name, known_dtype_name, torch_dtyp
 from mergekit_sae.errors import MergeInputError
 from mergekit_sae.evolve.per_tensor import resolve_parameters
 from mergekit_sae.evolve.population import MergeRecord
+from mergekit_sae.shard_writer import StreamingShardWriter
 from mergekit_sae.sparsity import EMPTY_STATS, SparsityStats, sparsity_stats
 from mergekit_sae.weight_files import check_model_files
 
@@ -183,6 +184,22 @@ def merge_tensor(
     )
 
 
+def read_tensor(loader: LazyTensorLoader, name: str, device: str = "cpu") -> torch.Tensor:
+    """One tensor of a model, with the loader's shard closed again after it.
+
+    safetensors maps a whole shard into memory and the tensors it returns are views of that
+    map, so an open shard keeps every page read so far in the process's RSS: over a merge,
+    each input's full size. Closing it after each tensor bounds that to the tensors in use
+    (the pages stay in the page cache; reopening costs a header parse). Pickle shards are
+    kept open, as reopening one re-reads its whole index.
+    """
+    try:
+        return loader.get_tensor(name, device=device)
+    finally:
+        if loader.index.is_safetensors:
+            loader.flush()
+
+
 def read_ahead(
     loaders: Sequence[LazyTensorLoader], names: Sequence[str], device: str
 ) -> Iterator[list[torch.Tensor]]:
@@ -190,7 +207,7 @@ def read_ahead(
     are read on a background thread while the caller merges the current ones."""
 
     def read(name: str) -> list[torch.Tensor]:
-        return [loader.get_tensor(name, device=device) for loader in loaders]
+        return [read_tensor(loader, name, device) for loader in loaders]
 
     if not PREFETCH:
         yield from (read(name) for name in names)
@@ -268,7 +285,7 @@ def stream_merge(
     with _staged_output(out_dir) as tmp_dir:
         writer = None
         if tmp_dir is not None:
-            writer = TensorWriter(str(tmp_dir), max_shard_size=shard_size, safe_serialization=True)
+            writer = StreamingShardWriter(tmp_dir, names, shard_size)
         reads = read_ahead(loaders, names, device)  # the next tensor is read during a merge
         for name in names:
             start = time.perf_counter()
@@ -283,7 +300,7 @@ def stream_merge(
                 measured = merged
                 if stats_base is not None:
                     origin = (
-                        tensors[base_index] if reference is None else reference.get_tensor(name)
+                        tensors[base_index] if reference is None else read_tensor(reference, name)
                     )
                     measured = merged - origin.to(device=merged.device, dtype=merged.dtype)
                 outcome.stats = outcome.stats.merged(sparsity_stats(measured))
@@ -318,11 +335,11 @@ def model_stats(path: Path, base: Path | None = None) -> SparsityStats:
     paths = [path] + ([base] if base is not None else [])
     stats = EMPTY_STATS
     for name in tensor_names(loaders, paths):
-        tensor = loaders[0].get_tensor(name)
+        tensor = read_tensor(loaders[0], name)
         if not tensor.is_floating_point():
             continue
         if base is not None:
-            reference = loaders[1].get_tensor(name)
+            reference = read_tensor(loaders[1], name)
             check_shapes(name, [tensor, reference], paths)
             tensor = tensor.to(torch.float32) - reference.to(torch.float32)
         stats = stats.merged(sparsity_stats(tensor))

@@ -275,11 +275,13 @@ def _tensor_reader(path: str | Path) -> Callable[[str], Tensor]:
     """A function reading one named tensor of a checkpoint (lazily, with MergeKit's loader)."""
     from mergekit.io import LazyTensorLoader, ShardedTensorIndex
 
+    from mergekit_sae.evolve.merging import read_tensor
+
     loader = LazyTensorLoader(ShardedTensorIndex.from_disk(str(path)))
 
     def read(name: str) -> Tensor:
         try:
-            return loader.get_tensor(name)
+            return read_tensor(loader, name)
         except KeyError as error:
             raise KeyError(f"{path}: checkpoint has no tensor {name!r}") from error
 
