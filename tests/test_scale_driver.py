@@ -77,6 +77,23 @@ def test_read_ahead_yields_every_name_once_in_order(parents) -> None:
     assert list(merging.read_ahead(loaders, [], "cpu")) == []
 
 
+@pytest.mark.parametrize("limit", [1, 3000, 10**12])
+def test_reads_close_the_shard_past_the_mapped_limit(parents, monkeypatch, limit) -> None:
+    """A shard is closed once ``MAPPED_LIMIT`` bytes were read from it (its mapped pages would
+    stay in RSS), and the tensors are the loader's own."""
+    monkeypatch.setattr(merging, "MAPPED_LIMIT", limit)
+    loader, reference = merging.open_model(parents[0]), merging.open_model(parents[0])
+    since_open = 0
+    for name in loader.index.tensor_paths:
+        expected = reference.get_tensor(name)
+        assert torch.equal(merging.read_tensor(loader, name), expected)
+        since_open += expected.numel() * expected.element_size()
+        closed = since_open >= limit
+        assert (loader.current_shard is None) == closed
+        since_open = 0 if closed else since_open
+    assert reference.current_shard is not None  # MergeKit's loader alone keeps it open
+
+
 def recipe(parents, **overrides):
     data = {
         "models": [str(p) for p in parents[:2]],

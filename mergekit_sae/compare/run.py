@@ -27,7 +27,7 @@ from mergekit_sae.compare.plan import RunSpec, plan_runs, run_recipe_data
 from mergekit_sae.compare.results import Row, mean_curve, run_row, write_results
 from mergekit_sae.errors import OutputFolderError, RecipeError
 from mergekit_sae.evolve.checkpoint import RunState, load_state
-from mergekit_sae.evolve.lock import clear_folder, content, lock_folder
+from mergekit_sae.evolve.lock import claim_for_fresh_run, lock_folder
 from mergekit_sae.evolve.recipe import load_recipe, parse_recipe
 from mergekit_sae.search.sae import SaeSearch
 
@@ -87,17 +87,8 @@ def prepare(out: Path, plan: dict[str, Any], *, resume: bool, force: bool) -> No
             )
         write_text(marker, json.dumps(plan, indent=1))
         return
-    if content(out) and not resume:
-        if not force:
-            raise OutputFolderError(
-                f"{out} is not empty; pass --resume to continue the comparison in it, or "
-                "--force to delete it and start over"
-            )
-        if not marker.is_file():
-            raise OutputFolderError(
-                f"{out} is not empty and holds no comparison, so --force will not delete it"
-            )
-        clear_folder(out)
+    if not resume:
+        claim_for_fresh_run(out, force=force, holds_run=marker.is_file(), what="comparison")
     out.mkdir(parents=True, exist_ok=True)
     write_text(marker, json.dumps(plan, indent=1))
 

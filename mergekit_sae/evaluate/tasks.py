@@ -25,6 +25,8 @@ DEFAULT_BATCH_SIZE = 32
 class Task:
     """A named task: items per split and a scorer giving each item a score in [0, 1]."""
 
+    generates = False  # whether its scores come from generated text (with generation_metrics)
+
     def __init__(self, spec: TaskSpec):
         self.spec = spec
         self.name = spec.name
@@ -65,6 +67,8 @@ class Task:
 
 class GenerationTask(Task):
     """A task scored on greedy continuations of each item's prompt (``output`` in its records)."""
+
+    generates = True
 
     def generate(
         self, model, tokenizer, items: Sequence[dict], batch_size: int | None

@@ -151,3 +151,21 @@ def clear_folder(out: Path) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
+
+
+def claim_for_fresh_run(out: Path, *, force: bool, holds_run: bool, what: str) -> None:
+    """Make a locked ``out`` ready for a fresh ``what``: empty, or with ``force`` emptied when
+    ``holds_run`` says it holds a previous one; any other content is refused, never deleted."""
+    if not content(out):
+        return
+    if not force:
+        raise OutputFolderError(
+            f"{out} is not empty; pass --resume to continue the {what} in it, or --force to "
+            "delete it and start over"
+        )
+    if not holds_run:
+        raise OutputFolderError(
+            f"{out} is not empty and holds no {what}, so --force will not delete it; "
+            "choose another output folder"
+        )
+    clear_folder(out)

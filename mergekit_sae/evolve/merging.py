@@ -14,6 +14,7 @@ import contextlib
 import json
 import shutil
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ TensorSink = Callable[[str, torch.Tensor], None]
 CONFIG_FILES = ("config.json", "generation_config.json")
 DEFAULT_SHARD_SIZE = 5 * 1000**3
 PREFETCH = True  # read the next tensor while the current one is merged (tests turn it off)
+MAPPED_LIMIT = 64 * 2**20  # bytes read from an open shard before read_tensor closes it
+_mapped_bytes: weakref.WeakKeyDictionary[LazyTensorLoader, int] = weakref.WeakKeyDictionary()
 _DTYPES = DTYPES  # the name earlier code imported
 __all__ = ["MergeInputError", "dtype_name", "fsync_dir", "publish_dir", "stream_merge"]
 
@@ -185,19 +188,23 @@ def merge_tensor(
 
 
 def read_tensor(loader: LazyTensorLoader, name: str, device: str = "cpu") -> torch.Tensor:
-    """One tensor of a model, with the loader's shard closed again after it.
+    """One tensor of a model, through its loader, with the loader's shard closed again once
+    ``MAPPED_LIMIT`` bytes were read from it.
 
     safetensors maps a whole shard into memory and the tensors it returns are views of that
     map, so an open shard keeps every page read so far in the process's RSS: over a merge,
-    each input's full size. Closing it after each tensor bounds that to the tensors in use
-    (the pages stay in the page cache; reopening costs a header parse). Pickle shards are
-    kept open, as reopening one re-reads its whole index.
+    each input's full size. Closing it bounds that (the pages stay in the page cache; a
+    reopen costs a header parse, which is why it is not done after every tensor). Pickle
+    shards are kept open, as reopening one re-reads its whole index.
     """
-    try:
-        return loader.get_tensor(name, device=device)
-    finally:
-        if loader.index.is_safetensors:
+    tensor = loader.get_tensor(name, device=device)
+    if loader.index.is_safetensors:
+        read = _mapped_bytes.get(loader, 0) + tensor.numel() * tensor.element_size()
+        if read >= MAPPED_LIMIT:
             loader.flush()
+            read = 0
+        _mapped_bytes[loader] = read
+    return tensor
 
 
 def read_ahead(

@@ -22,7 +22,7 @@ from mergekit_sae.evolve.checkpoint import (
     work_dir,
 )
 from mergekit_sae.evolve.finish import finish
-from mergekit_sae.evolve.lock import clear_folder, content, lock_folder
+from mergekit_sae.evolve.lock import claim_for_fresh_run, content, lock_folder
 from mergekit_sae.evolve.loop import RunContext, evolve, is_complete
 from mergekit_sae.evolve.merging import MergeInputError, check_compatible, model_dtype
 from mergekit_sae.evolve.recipe import Recipe, RecipeError, resolve_model
@@ -95,18 +95,7 @@ def prepare_output(out: Path, recipe: Recipe, *, resume: bool, force: bool) -> R
         state = verified_state(out, state)
         state.recipe = recipe.digest_fields()
         return state
-    if used:
-        if not force:
-            raise OutputFolderError(
-                f"{out} is not empty; pass --resume to continue the run in it, or --force to "
-                "delete it and start over"
-            )
-        if not work_dir(out).is_dir():
-            raise OutputFolderError(
-                f"{out} is not empty and holds no evolve run, so --force will not delete it; "
-                "choose another output folder"
-            )
-        clear_folder(out)
+    claim_for_fresh_run(out, force=force, holds_run=work_dir(out).is_dir(), what="evolve run")
     return None
 
 

@@ -88,10 +88,10 @@ class ResidentEvaluator:
     ) -> tuple[dict[str, float], dict[str, float] | None]:
         """Each task's score and the generation metrics of its generation tasks' outputs.
 
-        One pass: the texts measured are the ones scored. The outputs of every task whose
-        ``generation_metrics`` are defined are pooled and measured together (by the first
-        such task's ``generation_metrics``), plus their count ``generations``; None when no
-        task generates. Optional for evaluators; the final report uses it when present.
+        One pass: the texts measured are the ones scored. The outputs of every task that
+        ``generates`` are pooled and measured together (by the first such task's
+        ``generation_metrics``), plus their count ``generations``; None when no task
+        generates. Optional for evaluators; the final report uses it when present.
         """
         scores: dict[str, float] = {}
         pooled: list[dict[str, Any]] = []
@@ -105,7 +105,7 @@ class ResidentEvaluator:
                 batch_size=self.batch_size,
             )
             scores[name] = task.aggregate([d["score"] for d in details])
-            if task.generation_metrics(details):
+            if task.generates:
                 pooled += details
                 measure = measure or task
         if measure is None:
