@@ -68,7 +68,8 @@ class StreamingShardWriter:
                 f"shards here hold at most {MAX_DIMS} dimensions of {sorted(_NAMES.values())}"
             )
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        if self._file is not None and self._size and self._size + data.nbytes > self.max_shard_size:
+        full = self._size + data.nbytes > self.max_shard_size
+        if self._file is not None and self.shards[-1] and full:  # MergeKit's rule
             self._close_shard()
         if self._file is None:
             self._open_shard()

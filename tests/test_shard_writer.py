@@ -23,6 +23,7 @@ def sample_tensors() -> dict[str, torch.Tensor]:
         "model.layers.0.scale": torch.randn(5, 3, generator=generator),
         "model.layers.0.count": torch.tensor(3, dtype=torch.int64),
         "model.layers.1.mask": torch.rand(4, 4, generator=generator) > 0.5,
+        "model.layers.1.empty": torch.zeros(0, 4),
         "model.norm.weight": torch.ones(8, dtype=torch.float16),
         "lm_head.weight": torch.randn(33, 8, generator=generator).bfloat16(),
     }
