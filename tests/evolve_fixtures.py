@@ -122,6 +122,34 @@ def recipe_data(models: Sequence[Path], files: Mapping[str, Path], **overrides: 
     return data
 
 
+def deep_lineage_recipe(models: Sequence[str]) -> dict:
+    """A recipe for FakeEvaluator ("lm_eval" tasks a and b) whose best member has a lineage
+    of several merges: sparse members win."""
+    return {
+        "models": list(models),
+        "tasks": [{"name": name, "type": "lm_eval", "subsample": 12} for name in "ab"],
+        "population_size": 4,
+        "steps": 4,
+        "fitness_sparsity_weight": 2.0,
+        "dtype": "float32",
+        "device": "cpu",
+    }
+
+
+def run_fake(data: Mapping[str, Any], out: Path, **options: Any):
+    """A whole evolve run of a recipe, scored by a FakeEvaluator, without progress bars."""
+    from mergekit_sae.evolve.recipe import parse_recipe
+    from mergekit_sae.evolve.runner import run
+
+    return run(
+        parse_recipe(dict(data)),
+        out,
+        progress=False,
+        make_evaluator=lambda recipe, inputs: FakeEvaluator(),
+        **options,
+    )
+
+
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a model directory."""
     tensors: dict[str, torch.Tensor] = {}

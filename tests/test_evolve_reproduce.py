@@ -316,29 +316,12 @@ def test_invalid_recipe_file_is_named(tmp_path: Path) -> None:
 
 def test_driver_output_folder_reproduces_with_mergekit(tmp_path: Path) -> None:
     """A whole search on tiny models: OUT/mergekit_config.yml rebuilds OUT's weights exactly."""
-    from evolve_fixtures import FakeEvaluator
+    from evolve_fixtures import deep_lineage_recipe, run_fake
     from evolve_fixtures import tiny_llama as tiny_llama_with_tokenizer
 
-    from mergekit_sae.evolve.recipe import parse_recipe
-    from mergekit_sae.evolve.runner import run
-
     models = [tiny_llama_with_tokenizer(tmp_path / name, seed) for seed, name in enumerate("ab")]
-    data = {
-        "models": [str(m) for m in models],
-        "tasks": [{"name": name, "type": "lm_eval", "subsample": 12} for name in "ab"],
-        "population_size": 4,
-        "steps": 4,
-        "fitness_sparsity_weight": 2.0,  # sparse members win: the best has a deep lineage
-        "dtype": "float32",
-        "device": "cpu",
-    }
     out = tmp_path / "OUT"
-    state = run(
-        parse_recipe(data),
-        out,
-        progress=False,
-        make_evaluator=lambda recipe, inputs: FakeEvaluator(),
-    )
+    state = run_fake(deep_lineage_recipe([str(m) for m in models]), out)
     documents = load_stages(out / RECIPE_FILE)
     best = state.members[state.best]
     merged = [m for m in lineage(state.members, best.id) if m.merge is not None]

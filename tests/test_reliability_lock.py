@@ -14,14 +14,13 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from evolve_fixtures import FakeEvaluator, tiny_llama
+from evolve_fixtures import run_fake as evolve
 
 from mergekit_sae.cli import main
 from mergekit_sae.compare.run import Comparison, compare
 from mergekit_sae.errors import OutputFolderError
 from mergekit_sae.evolve.checkpoint import load_state
 from mergekit_sae.evolve.lock import LOCK_FILE, lock_path, read_holder
-from mergekit_sae.evolve.recipe import parse_recipe
-from mergekit_sae.evolve.runner import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,16 +62,6 @@ def hold(out: Path) -> subprocess.Popen:
 def release(process: subprocess.Popen) -> None:
     process.stdin.close()
     assert process.wait(timeout=60) == 0
-
-
-def evolve(data: dict, out: Path, **options):
-    return run(
-        parse_recipe(data),
-        out,
-        progress=False,
-        make_evaluator=lambda recipe, inputs: FakeEvaluator(),
-        **options,
-    )
 
 
 def test_second_run_refuses_naming_the_holder(tmp_path: Path, recipe) -> None:

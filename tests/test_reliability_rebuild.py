@@ -9,12 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from evolve_fixtures import FakeEvaluator, assert_identical, tiny_llama
+from evolve_fixtures import assert_identical, deep_lineage_recipe, run_fake, tiny_llama
 from method_fixtures import _ENTRY
 
-from mergekit_sae.evolve.recipe import parse_recipe
 from mergekit_sae.evolve.reproduce import RECIPE_FILE, load_stages
-from mergekit_sae.evolve.runner import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,24 +36,10 @@ def run_folder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("rebuild")
     for seed, name in enumerate("ab"):
         tiny_llama(root / "parents" / name, seed)
-    data = {
-        "models": ["parents/a", "parents/b"],
-        "tasks": [{"name": name, "type": "lm_eval", "subsample": 12} for name in "ab"],
-        "population_size": 4,
-        "steps": 4,
-        "fitness_sparsity_weight": 2.0,  # sparse members win: the best has a deep lineage
-        "dtype": "float32",
-        "device": "cpu",
-    }
     here = Path.cwd()
     os.chdir(root)
     try:
-        run(
-            parse_recipe(data),
-            Path("OUT"),
-            progress=False,
-            make_evaluator=lambda r, i: FakeEvaluator(),
-        )
+        run_fake(deep_lineage_recipe(["parents/a", "parents/b"]), Path("OUT"))
     finally:
         os.chdir(here)
     documents = load_stages(root / "OUT" / RECIPE_FILE)

@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from evolve_fixtures import FakeEvaluator, assert_identical, tiny_llama
+from evolve_fixtures import assert_identical, tiny_llama
+from evolve_fixtures import run_fake as evolve
 
 from mergekit_sae.errors import MergeInputError
 from mergekit_sae.evolve.checkpoint import load_state, member_checksums, prev_state_path
 from mergekit_sae.evolve.population import member_dir
-from mergekit_sae.evolve.recipe import parse_recipe
-from mergekit_sae.evolve.runner import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,16 +28,6 @@ def data(tmp_path_factory) -> dict:
         "dtype": "float32",
         "device": "cpu",
     }
-
-
-def evolve(data: dict, out: Path, **options):
-    return run(
-        parse_recipe(data),
-        out,
-        progress=False,
-        make_evaluator=lambda recipe, inputs: FakeEvaluator(),
-        **options,
-    )
 
 
 def flip_a_byte(path: Path) -> None:
