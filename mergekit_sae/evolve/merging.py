@@ -313,7 +313,7 @@ def stream_merge(
                 outcome.stats = outcome.stats.merged(sparsity_stats(measured))
             middle = time.perf_counter()
             if writer is not None:
-                writer.save_tensor(name, merged.to("cpu"))
+                writer.save_tensor(name, merged)  # the writer copies it to the CPU
             faults.point("merge.tensor")
             outcome.seconds["merge"] += middle - start
             outcome.seconds["write"] += time.perf_counter() - middle
