@@ -75,11 +75,10 @@ def child(args: argparse.Namespace) -> None:
         {
             "models": [str(paths["a"]), str(paths["b"])],
             "tasks": [{"name": "a", "type": "lm_eval"}, {"name": "b", "type": "lm_eval"}],
-            "population_size": args.population,
             "steps": args.steps,
+            "sae": {"framework": "ga", "archive_size": args.population, "rescore": args.rescore},
             "dtype": "bfloat16",
             "device": "cpu",
-            "rescore_population": args.rescore,
             "test_baselines": [],
             "profile": True,
             "threads": args.threads,

@@ -113,8 +113,8 @@ def recipe_data(models: Sequence[Path], files: Mapping[str, Path], **overrides: 
                 "max_new_tokens": 2,
             },
         ],
-        "population_size": 4,
         "steps": 3,
+        "sae": {"archive_size": 4, "children_per_step": 2},
         "dtype": "float32",
         "device": "cpu",
     }
@@ -128,9 +128,8 @@ def deep_lineage_recipe(models: Sequence[str]) -> dict:
     return {
         "models": list(models),
         "tasks": [{"name": name, "type": "lm_eval", "subsample": 12} for name in "ab"],
-        "population_size": 4,
         "steps": 4,
-        "fitness_sparsity_weight": 2.0,
+        "sae": {"archive_size": 4, "children_per_step": 2, "sparsity_term": {"weight": 2.0}},
         "dtype": "float32",
         "device": "cpu",
     }

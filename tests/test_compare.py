@@ -27,11 +27,11 @@ def recipe_file(tmp_path_factory) -> Path:
         "models": [str(tiny_llama(root / "a", 41)), str(tiny_llama(root / "b", 42))],
         "base_model": str(tiny_llama(root / "base", 40)),
         "tasks": [{"name": name, "type": "lm_eval", "subsample": 8} for name in "ab"],
-        "population_size": 4,
         "steps": 2,
+        "sae": {"archive_size": 4},
         "dtype": "float32",
         "device": "cpu",
-        "merge": {"prune_target": "delta"},
+        "prune_target": "delta",
         "cmaes": {"popsize": 4},
     }
     path = root / "recipe.yml"
@@ -143,35 +143,35 @@ def test_a_stopped_run_continues_on_resume(tmp_path: Path, recipe_file) -> None:
 
 
 def test_sweep_rows_and_plan() -> None:
-    assert parse_sweep("schedule.t0=2,6") == ("schedule.t0", [2, 6])
-    assert parse_sweep("merge.sparsity_scope=local") == ("merge.sparsity_scope", ["local"])
+    assert parse_sweep("sae.schedule.t0=2,6") == ("sae.schedule.t0", [2, 6])
+    assert parse_sweep("sae.merge.sparsity_scope=local") == ("sae.merge.sparsity_scope", ["local"])
     with pytest.raises(UsageError):
-        parse_sweep("schedule.t0")
+        parse_sweep("sae.schedule.t0")
     with pytest.raises(UsageError, match="unknown nope"):
         parse_methods("sae,nope")
-    runs = plan_runs(["sae"], 2, [("schedule.t0", [2])])
+    runs = plan_runs(["sae"], 2, [("sae.schedule.t0", [2])])
     assert [(r.method, r.seed, r.overrides) for r in runs] == [
         ("sae", 0, {}),
         ("sae", 1, {}),
-        ("sae[schedule.t0=2]", 0, {"schedule.t0": 2}),
-        ("sae[schedule.t0=2]", 1, {"schedule.t0": 2}),
+        ("sae[sae.schedule.t0=2]", 0, {"sae.schedule.t0": 2}),
+        ("sae[sae.schedule.t0=2]", 1, {"sae.schedule.t0": 2}),
     ]
-    data = run_recipe_data({"schedule": {"t0": 3}, "seed": 9}, runs[2], budget=30)
-    assert data["schedule"]["t0"] == 2 and data["seed"] == 0
+    data = run_recipe_data({"sae": {"schedule": {"t0": 3}}, "seed": 9}, runs[2], budget=30)
+    assert data["sae"]["schedule"]["t0"] == 2 and data["seed"] == 0
     assert data["search"] == "sae" and data["budget"] == 30
 
 
 def test_sweep_runs_the_changed_recipe(tmp_path: Path, recipe_file) -> None:
     rows, _ = run_compare(
-        recipe_file, tmp_path / "w", methods=["sae"], sweeps=[("sae.fitness", ["shared"])]
+        recipe_file, tmp_path / "w", methods=["sae"], sweeps=[("sae.alpha", [0.0])]
     )
-    assert [r.method for r in rows] == ["sae", "sae", "sae[sae.fitness=shared]"] * 1 + [
-        "sae[sae.fitness=shared]"
+    assert [r.method for r in rows] == ["sae", "sae", "sae[sae.alpha=0.0]"] * 1 + [
+        "sae[sae.alpha=0.0]"
     ]
     from mergekit_sae.evolve.checkpoint import load_state
 
-    state = load_state(tmp_path / "w" / "sae_sae.fitness=shared_" / "seed0")
-    assert state.recipe["search_settings"]["sae"]["fitness"] == "shared"
+    state = load_state(tmp_path / "w" / "sae_sae.alpha=0.0_" / "seed0")
+    assert state.recipe["search_settings"]["sae"]["alpha"] == 0.0
 
 
 def test_compare_with_the_real_evaluators(tmp_path: Path) -> None:
@@ -182,7 +182,8 @@ def test_compare_with_the_real_evaluators(tmp_path: Path) -> None:
     from mergekit_sae.cli import main
 
     models = [tiny_llama(tmp_path / "a", 51), tiny_llama(tmp_path / "b", 52)]
-    data = recipe_data(models, task_files(tmp_path / "data"), steps=1, population_size=2)
+    sae = {"archive_size": 2, "children_per_step": 1}
+    data = recipe_data(models, task_files(tmp_path / "data"), steps=1, sae=sae)
     recipe = tmp_path / "recipe.yml"
     recipe.write_text(yaml.safe_dump(data))
     out = tmp_path / "out"

@@ -1,4 +1,5 @@
-"""The generation loop on tiny random models with a fake evaluator of known scores."""
+"""The driver and SAE's generational GA (``framework: ga``) on tiny random models with a fake
+evaluator of known scores."""
 
 from __future__ import annotations
 
@@ -24,9 +25,11 @@ from mergekit_sae.evolve.loop import (
     initial_population,
     training_subsample,
 )
-from mergekit_sae.evolve.population import member_dir, random_pairs, replacement_slot
+from mergekit_sae.evolve.population import Member, lineage, member_dir
 from mergekit_sae.evolve.recipe import parse_recipe
-from mergekit_sae.search.sae import rate_at
+from mergekit_sae.evolve.runner import run
+from mergekit_sae.search.sae_ga import random_pairs, replacement_slot
+from mergekit_sae.search.sae_operators import offspring_record
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,18 +41,18 @@ def parents(tmp_path_factory) -> list[Path]:
 
 
 def make_context(out: Path, parents: list[Path], **overrides) -> RunContext:
+    """A GA run (``sae`` overrides merge into its block)."""
     data = {
         "models": [str(p) for p in parents],
         "tasks": [
             {"name": "a", "type": "lm_eval", "subsample": 12},
             {"name": "b", "type": "lm_eval", "subsample": 12, "weight": 3.0},
         ],
-        "population_size": 6,
         "steps": 2,
-        "fitness_sparsity_weight": 0.2,
         "dtype": "float32",
     }
-    data.update(overrides)
+    sae = {"framework": "ga", "archive_size": 6, "sparsity_term": {"weight": 0.2}}
+    data.update(overrides, sae={**sae, **overrides.get("sae", {})})
     recipe = parse_recipe(data)
     return RunContext(
         recipe=recipe,
@@ -104,14 +107,15 @@ def test_step_scores_pairs_and_replaces_as_specified(tmp_path: Path, parents) ->
         if member_dir(m, tmp_path).exists():  # replaced members' weights are gone
             assert m.scores == expected_scores(member_dir(m, tmp_path), items)
         fitnesses.append(fit(m.scores, m.sparsity))
-    assert [record.fitness_before[i] for i in population] == pytest.approx(fitnesses)
+    assert [record.info["fitness_before"][i] for i in population] == pytest.approx(fitnesses)
 
     pairs = random_pairs(population, random.Random(derive_seed(ctx.recipe.seed, 1, "pairs")))
     assert [tuple(o.parents) for o in record.offspring] == pairs
     for offspring in record.offspring:
         child = state.members[offspring.id]
         params = child.merge.parameters
-        assert params["offspring_density"] == pytest.approx(1 - rate_at(ctx.recipe, 1))
+        rate = ctx.recipe.settings_for().schedule.rate(0)
+        assert params["offspring_density"] == pytest.approx(1 - rate)
         for item, parent in zip(child.merge.inputs, offspring.parents, strict=True):
             assert item.member == parent
             assert item.parameters["score"] == state.members[parent].performance
@@ -143,7 +147,7 @@ def test_offspring_scores_match_their_written_weights(tmp_path: Path, parents) -
 
 
 def test_without_rescoring_members_keep_their_first_scores(tmp_path: Path, parents) -> None:
-    ctx = make_context(tmp_path, parents, rescore_population=False)
+    ctx = make_context(tmp_path, parents, sae={"rescore": False})
     state = evolve(ctx)
     first, second = state.history
     for identifier in second.population_before:
@@ -158,27 +162,27 @@ def test_history_and_checkpoint_agree(tmp_path: Path, parents) -> None:
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
     loaded = load_state(tmp_path)
     assert loaded.step == 2 and loaded.population == state.population
-    assert [r.rate for r in loaded.history] == pytest.approx([0.1, 0.35])
+    assert [r.info["rate"] for r in loaded.history] == pytest.approx([0.1, 0.35])
 
 
 def test_redense_original_references_the_pairs_other_originals(parents) -> None:
-    from mergekit_sae.evolve.population import Member
-    from mergekit_sae.search.sae import offspring_record
-
     recipe = parse_recipe(
         {
             "models": [str(p) for p in parents],
             "tasks": [{"name": "a", "type": "lm_eval"}],
-            "merge": {"redense": "original"},
+            "sae": {"merge": {"redense": "original"}},
         }
     )
+    merge = recipe.settings_for().merge
     p0 = Member(id="p0", path="/p0", origin="parent", performance=0.5)
     p1 = Member(id="p1", path="/p1", origin="parent", performance=0.4)
     v0 = Member(id="v0", path="v0", origin="pruned", inputs=["p0"], performance=0.3)
     v1 = Member(id="v1", path="v1", origin="pruned", inputs=["p1"], performance=0.2)
 
     def references(pair, originals):
-        record = offspring_record(recipe, pair, originals, 0.2, "float32")
+        record = offspring_record(
+            merge, recipe, pair, originals, parent_density=1.0, child_density=0.8, dtype="float32"
+        )
         refs = [i.member for i in record.inputs if i.parameters.get("dense_reference")]
         return refs, record.parameters["redense"]
 
@@ -189,10 +193,7 @@ def test_redense_original_references_the_pairs_other_originals(parents) -> None:
 
 
 def test_redense_original_run_finishes_with_a_recipe(tmp_path: Path, parents) -> None:
-    from mergekit_sae.evolve.population import lineage
-    from mergekit_sae.evolve.runner import run
-
-    ctx = make_context(tmp_path / "out", parents, merge={"redense": "original"}, steps=2)
+    ctx = make_context(tmp_path / "out", parents, sae={"merge": {"redense": "original"}}, steps=2)
     state = run(ctx.recipe, ctx.out, progress=False, make_evaluator=lambda r, i: FakeEvaluator())
     assert state.finished and (ctx.out / "mergekit_config.yml").is_file()
     for record in state.history:

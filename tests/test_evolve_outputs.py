@@ -34,11 +34,8 @@ def step(number: int, rate: float, best: float, mean: float, sparsity: float) ->
     )
     return StepRecord(
         step=number,
-        rate=rate,
-        offspring_density=1 - rate,
         subsample={"math": 8},
         population_before=["m0000", "m0001"],
-        fitness_before={"m0000": 0.5, "m0001": 0.4},
         offspring=[child],
         population_after=["m0000", "m0001"],
         best="m0000",
@@ -47,6 +44,7 @@ def step(number: int, rate: float, best: float, mean: float, sparsity: float) ->
         mean_fitness=mean,
         mean_sparsity=sparsity,
         seconds={"merge": 0.1, "write": 0.2, "score": 0.3},
+        info={"rate": rate, "offspring_density": 1 - rate, "fitness_before": {"m0000": 0.5}},
     )
 
 
@@ -135,7 +133,7 @@ def test_card_front_matter_and_sections(tmp_path: Path) -> None:
         recipe=RECIPE,
         results=RESULTS,
         evolved="SAE",
-        settings={"steps": 12, "population_size": 6},
+        settings={"steps": 12, "archive_size": 6},
     )
     assert path == tmp_path / CARD_FILE
     text = path.read_text()

@@ -1,4 +1,4 @@
-"""Population rules on hand-made archives: layout, pairing, fitness, replacement, lineage."""
+"""Archive rules on hand-made archives: layout, pairing, fitness, replacement, lineage."""
 
 from __future__ import annotations
 
@@ -6,20 +6,10 @@ import random
 
 import pytest
 
-from mergekit_sae.evolve.population import (
-    Member,
-    MergeInput,
-    MergeRecord,
-    best_index,
-    fitness,
-    initial_layout,
-    lineage,
-    performance,
-    pruning_rates,
-    random_pairs,
-    replacement_slot,
-    worst_index,
-)
+from mergekit_sae.evolve.population import Member, MergeInput, MergeRecord, lineage, performance
+from mergekit_sae.search.niches import best_index, worst_index
+from mergekit_sae.search.sae_ga import plain_fitness, random_pairs, replacement_slot
+from mergekit_sae.search.sae_operators import initial_layout, pruning_rates
 
 
 def test_pruning_rates_spread_evenly() -> None:
@@ -64,8 +54,8 @@ def test_random_pairs_follow_the_generator() -> None:
 
 def test_performance_and_fitness() -> None:
     assert performance({"a": 0.5, "b": 1.0}, {"a": 1.0, "b": 3.0}) == pytest.approx(0.875)
-    assert fitness(0.5, 0.4, 0.25) == pytest.approx(0.6)
-    assert fitness(0.5, 0.4, 0.0) == 0.5
+    assert plain_fitness(0.5, 0.4, 0.25) == pytest.approx(0.6)
+    assert plain_fitness(0.5, 0.4, 0.0) == 0.5
 
 
 def test_worst_and_best_break_ties_by_position() -> None:

@@ -35,22 +35,25 @@ def test_defaults_are_the_papers(setup) -> None:
     recipe = parse_recipe(
         {"models": [str(p) for p in parents], "tasks": recipe_data(parents, files)["tasks"]}
     )
-    assert (recipe.schedule.s_min, recipe.schedule.s_max) == (0.1, 0.6)
-    assert (recipe.schedule.t0, recipe.schedule.t_mult, recipe.steps) == (3, 2, 12)
-    assert recipe.merge.sparsity_scope == "global"
-    assert recipe.merge.redense == "parents"
+    sae = recipe.settings_for("sae")
+    assert (sae.schedule.s_min, sae.schedule.s_max) == (0.1, 0.6)
+    assert (sae.schedule.t0, sae.schedule.t_mult, recipe.steps) == (3, 2, 12)
+    assert sae.merge.sparsity_scope == "global"
+    assert sae.merge.redense == "parents"
+    assert (recipe.prune_target, recipe.sparsity_measure) == ("weights", "zero_count")
 
 
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
         ({"tasks": [{"name": "x", "type": "bogus", "train": "t.jsonl"}]}, "tasks[0].type"),
-        ({"schedule": {"s_min": 0.7, "s_max": 0.2}}, "schedule: s_min (0.7) is larger"),
-        ({"population_size": 1}, "population_size: Input should be greater than or equal to 2"),
+        ({"sae": {"schedule": {"s_min": 0.7, "s_max": 0.2}}}, "schedule: s_min (0.7) is larger"),
+        ({"sae": {"archive_size": 1}}, "archive_size: Input should be greater than or equal to 2"),
         ({"steps": 0}, "steps:"),
         ({"stepz": 3}, "stepz: Extra inputs are not permitted"),
-        ({"merge": {"sparsity_scope": "layer"}}, "merge.sparsity_scope"),
-        ({"merge": {"prune_target": "delta"}}, "prune_target 'delta' prunes model - base"),
+        ({"sae": {"merge": {"sparsity_scope": "layer"}}}, "sae.merge.sparsity_scope"),
+        ({"prune_target": "delta"}, "prune_target 'delta' prunes model - base"),
+        ({"sae": {"framework": "ga", "matchmaker": False}}, "matchmaker is not read under"),
         ({"tasks": []}, "tasks: List should have at least 1 item"),
     ],
 )
@@ -65,10 +68,43 @@ def test_invalid_fields_are_named(tmp_path: Path, setup, change: dict, expected:
 
 def test_population_smaller_than_parent_count(setup) -> None:
     parents, files = setup
-    data = recipe_data(parents, files, population_size=2)
+    data = recipe_data(parents, files, sae={"archive_size": 2})
     data["models"].append(str(parents[0].parent / "third"))
-    with pytest.raises(RecipeError, match=r"population_size \(2\) must be at least"):
+    with pytest.raises(RecipeError, match=r"sae.archive_size \(2\) must be at least"):
         parse_recipe(data)
+
+
+def test_an_old_layout_names_where_each_field_moved(tmp_path: Path, setup) -> None:
+    parents, files = setup
+    data = recipe_data(parents, files)
+    del data["sae"]
+    old = {
+        "population_size": 6,
+        "schedule": {"t0": 3},
+        "fitness_sparsity_weight": 0.1,
+        "rescore_population": True,
+        "merge": {
+            "method": "scf_rkl",
+            "prune_target": "delta",
+            "sparsity_measure": "magnitude",
+            "sparsity_weight": 1.0,
+            "redense": "original",
+        },
+    }
+    result, out = run_cli(tmp_path, {**data, **old})
+    assert result.exit_code != 0 and not out.exists()
+    for moved in [
+        "population_size -> sae.archive_size",
+        "schedule -> sae.schedule",
+        "fitness_sparsity_weight -> sae.sparsity_term.weight",
+        "rescore_population -> sae.rescore",
+        "merge.method -> sae.crossover",
+        "merge.prune_target -> prune_target (top level)",
+        "merge.sparsity_measure -> sparsity_measure (top level)",
+        "merge.sparsity_weight -> sae.merge.sparsity_weight",
+        "merge.redense -> sae.merge.redense",
+    ]:
+        assert moved in result.output, moved
 
 
 def test_missing_model_path(tmp_path: Path, setup) -> None:

@@ -184,11 +184,25 @@ def test_bf16_tied_parents_with_float32_output(tmp_path: Path) -> None:
 def test_sae_prune_and_evolve_lineage_reproduces(tmp_path: Path, parents) -> None:
     """sae_prune and sae_evolve stages as the search records them: global scope with
     ``redense: original`` (a dense reference input), then local scope."""
-    from mergekit_sae.evolve.recipe import MergeSettings, Recipe
-    from mergekit_sae.search.sae import offspring_record, prune_record
+    from types import SimpleNamespace
 
-    def settings(**merge) -> Recipe:
-        return Recipe.model_construct(base_model=None, merge=MergeSettings(**merge))
+    from mergekit_sae.search.sae_operators import offspring_record, prune_record
+    from mergekit_sae.search.sae_settings import SaeMergeSettings
+
+    def run_settings(measure: str = "zero_count") -> SimpleNamespace:
+        """The run-wide settings the operators read."""
+        return SimpleNamespace(base_model=None, prune_target="weights", sparsity_measure=measure)
+
+    def offspring(merge, run, pair, originals, rate) -> MergeRecord:
+        return offspring_record(
+            merge,
+            run,
+            pair,
+            originals,
+            parent_density=1.0,
+            child_density=1.0 - rate,
+            dtype="float32",
+        )
 
     members = {
         name: Member(id=name, path=str(path), origin="parent", source=str(path))
@@ -208,14 +222,14 @@ def test_sae_prune_and_evolve_lineage_reproduces(tmp_path: Path, parents) -> Non
         )
         members[member_id].performance, members[member_id].sparsity = score, sparsity
 
-    recipe = settings(redense="original", sparsity_scope="global", sparsity_weight=0.5)
-    make("m0002", prune_record(recipe, members["b"], 0.4, "float32"), 0.4, 0.3)
+    merge = SaeMergeSettings(redense="original", sparsity_scope="global", sparsity_weight=0.5)
+    make("m0002", prune_record("b", 0.4, run_settings(), "float32"), 0.4, 0.3)
     pair = [members["a"], members["m0002"]]
     originals = [members["a"], members["b"]]
-    make("m0003", offspring_record(recipe, pair, originals, 0.3, "float32"), 0.3, 0.5)
-    local = settings(sparsity_scope="local", sparsity_measure="magnitude", renormalize=False)
+    make("m0003", offspring(merge, run_settings(), pair, originals, 0.3), 0.3, 0.5)
+    local = SaeMergeSettings(sparsity_scope="local", renormalize=False)
     pair = [members["m0003"], members["m0002"]]
-    make("m0004", offspring_record(local, pair, originals, 0.2, "float32"), 0.2, 0.7)
+    make("m0004", offspring(local, run_settings("magnitude"), pair, originals, 0.2), 0.2, 0.7)
 
     path = write_recipe(members, "m0004", tmp_path / "OUT")
     documents = load_stages(path)

@@ -43,7 +43,7 @@ def comparable_history(state) -> list[dict]:
 
 def test_stopped_after_step_k_then_resumed_matches(tmp_path: Path, setup) -> None:
     parents, files = setup
-    data = recipe_data(parents, files, steps=3, population_size=4)
+    data = recipe_data(parents, files, steps=3)
     data["tasks"] = [
         {"name": "a", "type": "lm_eval", "subsample": 10},
         {"name": "b", "type": "lm_eval"},
@@ -83,7 +83,9 @@ def cli(recipe: Path, out: Path, *extra: str) -> list[str]:
 
 def test_killed_run_resumes_to_identical_model(tmp_path: Path, setup) -> None:
     parents, files = setup
-    data = recipe_data(parents, files, steps=3, population_size=3, test_baselines=[])
+    data = recipe_data(
+        parents, files, steps=3, sae={"archive_size": 3, "children_per_step": 2}, test_baselines=[]
+    )
     recipe = tmp_path / "recipe.yml"
     recipe.write_text(yaml.safe_dump(data))
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}

@@ -1,4 +1,5 @@
-"""The loop's pruning rate per step follows the cyclic schedule (paper sections 2.4 and 3.7)."""
+"""SAE's pruning rate per tick follows the cyclic schedule (paper sections 2.4 and 3.7); a tick
+is a step of the GA, or a child of the niches loop."""
 
 from __future__ import annotations
 
@@ -6,13 +7,12 @@ import math
 
 import pytest
 
-from mergekit_sae.evolve.recipe import Recipe, Schedule
-from mergekit_sae.search.sae import rate_at
+from mergekit_sae.search.sae_settings import Schedule
 
 
-def recipe_with(schedule: Schedule) -> Recipe:
-    """A recipe whose only relevant part is the schedule (models/tasks are not touched)."""
-    return Recipe.model_construct(schedule=schedule)
+def rates(schedule: Schedule, ticks: range) -> list[float]:
+    """The rate at 1-based ticks (step t of the GA uses tick t - 1 of the schedule)."""
+    return [schedule.rate(tick - 1) for tick in ticks]
 
 
 # Default: cycles of length 3, 6, 12 (T0 = 3, T_mult = 2), s_min 0.1, s_max 0.6.
@@ -36,24 +36,19 @@ DEFAULT_RATES = [
 
 
 def test_default_schedule_matches_hand_values() -> None:
-    recipe = recipe_with(Schedule())
-    rates = [rate_at(recipe, step) for step in range(1, 13)]
-    assert rates == pytest.approx(DEFAULT_RATES, abs=1e-6)
+    assert rates(Schedule(), range(1, 13)) == pytest.approx(DEFAULT_RATES, abs=1e-6)
 
 
 def test_no_growth_repeats_the_first_cycle() -> None:
-    recipe = recipe_with(Schedule(t_mult=1))
-    rates = [rate_at(recipe, step) for step in range(1, 13)]
-    assert rates == pytest.approx([0.1, 0.35, 0.6] * 4, abs=1e-12)
+    assert rates(Schedule(t_mult=1), range(1, 13)) == pytest.approx([0.1, 0.35, 0.6] * 4, abs=1e-12)
 
 
 def test_cycle_of_length_one_stays_at_s_min() -> None:
-    recipe = recipe_with(Schedule(s_min=0.2, s_max=0.9, t0=1, t_mult=1))
-    assert [rate_at(recipe, step) for step in range(1, 5)] == [0.2] * 4
+    assert rates(Schedule(s_min=0.2, s_max=0.9, t0=1, t_mult=1), range(1, 5)) == [0.2] * 4
 
 
 def test_custom_range_first_cycle() -> None:
-    recipe = recipe_with(Schedule(s_min=0.05, s_max=0.9, t0=2, t_mult=3))
+    schedule = Schedule(s_min=0.05, s_max=0.9, t0=2, t_mult=3)
     # cycle lengths 2, 6: step 1 -> 0.05, step 2 -> 0.9, step 3 -> 0.05, step 4 -> t=1 of 6
     expected = [0.05, 0.9, 0.05, 0.05 + 0.85 * (1 - math.cos(math.pi / 5)) / 2]
-    assert [rate_at(recipe, s) for s in range(1, 5)] == pytest.approx(expected, abs=1e-12)
+    assert rates(schedule, range(1, 5)) == pytest.approx(expected, abs=1e-12)

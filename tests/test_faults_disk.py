@@ -31,7 +31,11 @@ def reference(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("disk")
     parents = [tiny_llama(root / "p0", 60, tied=True), tiny_llama(root / "p1", 61, tied=True)]
     data = recipe_data(
-        parents, task_files(root / "data"), steps=2, population_size=3, test_baselines=[]
+        parents,
+        task_files(root / "data"),
+        steps=2,
+        sae={"archive_size": 3, "children_per_step": 2},
+        test_baselines=[],
     )
     recipe = root / "recipe.yml"
     recipe.write_text(safe_dump(data))

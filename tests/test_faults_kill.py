@@ -105,7 +105,11 @@ def reference(tmp_path_factory) -> Reference:
     root = tmp_path_factory.mktemp("faults")
     parents = [tiny_llama(root / "p0", 30, tied=True), tiny_llama(root / "p1", 31, tied=True)]
     data = recipe_data(
-        parents, task_files(root / "data"), steps=2, population_size=3, test_baselines=[]
+        parents,
+        task_files(root / "data"),
+        steps=2,
+        sae={"archive_size": 3, "children_per_step": 2},
+        test_baselines=[],
     )
     recipe = root / "recipe.yml"
     recipe.write_text(yaml.safe_dump(data))

@@ -127,9 +127,14 @@ def damage(text: str, how: str, where: int) -> bytes:
 def valid(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("fuzz")
     parents = [tiny_llama(root / "p0", 40), tiny_llama(root / "p1", 41)]
-    data = recipe_data(parents, task_files(root / "data"), steps=2, population_size=3)
-    data["schedule"] = {"s_min": 0.1, "s_max": 0.5, "t0": 2, "t_mult": 1}
-    data["merge"] = {"sparsity_weight": 1.0, "sparsity_measure": "zero_count"}
+    data = recipe_data(parents, task_files(root / "data"), steps=2)
+    data["sae"] = {
+        "archive_size": 3,
+        "children_per_step": 2,
+        "schedule": {"s_min": 0.1, "s_max": 0.5, "t0": 2, "t_mult": 1},
+        "merge": {"sparsity_weight": 1.0},
+    }
+    data["sparsity_measure"] = "zero_count"
     data["seed"] = 3
     return data
 

@@ -105,7 +105,7 @@ def setup(tmp_path_factory) -> tuple[list[Path], dict[str, Path]]:
 
 def fake_recipe(setup, **overrides):
     parents, files = setup
-    data = recipe_data(parents, files, steps=5, population_size=4, **overrides)
+    data = recipe_data(parents, files, steps=5, **overrides)
     data["tasks"] = [
         {"name": "a", "type": "lm_eval", "subsample": 10},
         {"name": "b", "type": "lm_eval"},

@@ -39,8 +39,8 @@ def recipe(tmp_path_factory):
     data = {
         "models": [str(m) for m in models],
         "tasks": [{"name": name, "type": "lm_eval", "subsample": 8} for name in "ab"],
-        "population_size": 4,
         "steps": 2,
+        "sae": {"archive_size": 4, "children_per_step": 2},
         "dtype": "float32",
         "device": "cpu",
     }

@@ -22,9 +22,8 @@ def data(tmp_path_factory) -> dict:
     return {
         "models": [str(m) for m in models],
         "tasks": [{"name": name, "type": "lm_eval", "subsample": 8} for name in "ab"],
-        "population_size": 4,
         "steps": 4,
-        "fitness_sparsity_weight": 2.0,
+        "sae": {"archive_size": 4, "children_per_step": 2, "sparsity_term": {"weight": 2.0}},
         "dtype": "float32",
         "device": "cpu",
     }

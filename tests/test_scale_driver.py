@@ -98,8 +98,8 @@ def recipe(parents, **overrides):
     data = {
         "models": [str(p) for p in parents[:2]],
         "tasks": [{"name": "a", "type": "lm_eval"}, {"name": "b", "type": "lm_eval"}],
-        "population_size": 4,
         "steps": 2,
+        "sae": {"archive_size": 4, "children_per_step": 2},
         "dtype": "float32",
         **overrides,
     }

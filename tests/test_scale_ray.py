@@ -28,7 +28,7 @@ def serial(tmp_path_factory):
     """A small run scored in the driver: the reference for the Ray runs."""
     root = tmp_path_factory.mktemp("ray")
     parents = [tiny_llama(root / "p0", 30), tiny_llama(root / "p1", 31)]
-    data = recipe_data(parents, task_files(root / "data"), steps=2, population_size=4, threads=1)
+    data = recipe_data(parents, task_files(root / "data"), steps=2, threads=1)
     data["test_baselines"] = []
     out = root / "serial"
     return data, out, run(parse_recipe(data), out, progress=False)

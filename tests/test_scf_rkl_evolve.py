@@ -22,7 +22,6 @@ from mergekit_sae.evolve.population import lineage, member_dir
 from mergekit_sae.evolve.recipe import parse_recipe
 from mergekit_sae.evolve.reproduce import RECIPE_FILE, recipe_documents, render_recipe, run_recipe
 from mergekit_sae.evolve.runner import run
-from mergekit_sae.search.sae import rate_at
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,9 +38,8 @@ def test_sae_search_with_scf_rkl_offspring_rebuilds_bit_for_bit(tmp_path: Path, 
     data = {
         "models": [str(m) for m in experts],
         "tasks": [{"name": name, "type": "lm_eval", "subsample": 12} for name in "ab"],
-        "population_size": 4,
         "steps": 4,
-        "merge": {"method": "scf_rkl"},
+        "sae": {"framework": "ga", "archive_size": 4, "crossover": "scf_rkl"},
         "keep_population": True,
         "dtype": "float32",
         "device": "cpu",
@@ -54,17 +52,19 @@ def test_sae_search_with_scf_rkl_offspring_rebuilds_bit_for_bit(tmp_path: Path, 
     for child in offspring:
         record = child.merge
         assert record.method == "scf_rkl"
-        assert record.parameters == {"density": pytest.approx(rate_at(recipe, child.born))}
+        rate = recipe.settings_for().schedule.rate(child.born - 1)
+        assert record.parameters == {"density": pytest.approx(rate)}
         (donor,) = [item.member for item in record.inputs]
         anchor = record.base_member
         assert sorted([anchor, donor]) == sorted(child.inputs)
         # the anchor is the member of higher fitness when the pair was made (ties: first)
         step = state.history[child.born - 1]
         first, second = child.inputs
-        expected = second if step.fitness_before[second] > step.fitness_before[first] else first
+        before = step.info["fitness_before"]
+        expected = second if before[second] > before[first] else first
         assert anchor == expected
-    assert all(s.info.get("scf_rkl_density") == s.rate for s in state.history)
-    assert all(s.offspring_density is None for s in state.history)
+    assert all(s.info.get("scf_rkl_density") == s.info["rate"] for s in state.history)
+    assert all("offspring_density" not in s.info for s in state.history)
 
     rebuilt = run_recipe(out / RECIPE_FILE, tmp_path / "re", intermediate_dir=tmp_path / "st")
     assert_identical(out, rebuilt)
@@ -131,8 +131,8 @@ def test_compare_reports_repetition_of_the_final_models_test_generations(
             {"name": "a", "type": "lm_eval", "subsample": 8, "test_subsample": 30},
             {"name": "b", "type": "lm_eval", "subsample": 8},
         ],
-        "population_size": 4,
         "steps": 2,
+        "sae": {"archive_size": 4, "children_per_step": 2},
         "dtype": "float32",
         "device": "cpu",
     }

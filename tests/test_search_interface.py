@@ -13,7 +13,8 @@ from mergekit_sae.evolve.recipe import RecipeError, parse_recipe
 from mergekit_sae.evolve.reproduce import RECIPE_FILE, run_recipe
 from mergekit_sae.evolve.runner import run
 from mergekit_sae.search import SEARCHES, search_class
-from mergekit_sae.search.base import Search, flat_items, shared_fitness
+from mergekit_sae.search.base import Search
+from mergekit_sae.search.niches import flat_items, shared_fitness
 from mergekit_sae.search.sae import SaeSearch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,18 +42,19 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 
 def recipe(models: dict[str, Path], **overrides) -> dict:
+    """A recipe of SAE's generational GA (``sae`` overrides merge into its block)."""
     data = {
         "models": [str(models["a"]), str(models["b"])],
         "base_model": str(models["base"]),
         "tasks": [{"name": name, "type": "lm_eval", "subsample": 10} for name in "ab"],
-        "population_size": 4,
         "steps": 3,
         "dtype": "float32",
         "device": "cpu",
         "test_baselines": [],
-        "merge": {"prune_target": "delta"},
+        "prune_target": "delta",
     }
-    data.update(overrides)
+    sae = {"framework": "ga", "archive_size": 4, **overrides.pop("sae", {})}
+    data.update(overrides, sae=sae)
     return data
 
 
@@ -157,8 +159,8 @@ def test_recipe_validates_search_blocks(models) -> None:
         parse_recipe(recipe(models, sae={"bogus": 1}))
     with pytest.raises(RecipeError, match=r"sae\.alpha"):
         parse_recipe(recipe(models, sae={"alpha": -1}))
-    with pytest.raises(RecipeError, match="needs rescore_population"):
-        parse_recipe(recipe(models, sae={"fitness": "shared"}, rescore_population=False))
+    with pytest.raises(RecipeError, match="needs rescore: true"):
+        parse_recipe(recipe(models, sae={"fitness": "shared", "rescore": False}))
     parsed = parse_recipe(recipe(models, sae={"fitness": "shared"}))
     assert parsed.settings_for().fitness == "shared"
 
@@ -167,11 +169,11 @@ def test_sae_natural_budget_is_what_a_run_uses(tmp_path: Path, models) -> None:
     data = recipe(models)
     parsed = parse_recipe(data)
     state, evaluator = counted_run(data, tmp_path / "a")
-    expected = SaeSearch.natural_budget(parsed, parsed.settings_for())
+    expected = SaeSearch.natural_budget(parsed, parsed.settings_for())  # dispatches to the GA
     assert expected == 3 * (4 + 2)
     assert state.evaluations == evaluator.calls == expected
     assert [r.evaluations for r in state.history] == [6, 12, 18]
-    no_rescore = recipe(models, rescore_population=False)
+    no_rescore = recipe(models, sae={"rescore": False})
     state, evaluator = counted_run(no_rescore, tmp_path / "b")
     assert evaluator.calls == state.evaluations == 4 + 3 * 2
 
@@ -202,10 +204,9 @@ def test_shared_fitness_replacement_by_hand(models) -> None:
     from mergekit_sae.evolve.population import Member
     from mergekit_sae.search.base import Result
 
-    parsed = parse_recipe(
-        recipe(models, sae={"fitness": "shared", "alpha": 1.0}, fitness_sparsity_weight=0.0)
-    )
-    search = SaeSearch(parsed, parsed.settings_for())
+    shared = {"fitness": "shared", "alpha": 1.0, "sparsity_term": {"weight": 0.0}}
+    parsed = parse_recipe(recipe(models, sae=shared))
+    search = SaeSearch.create(parsed, parsed.settings_for())
     members = {
         i: Member(id=i, path=i, origin="pruned", performance=p, fitness=p)
         for i, p in [("m1", 0.75), ("m2", 0.5), ("m3", 0.5)]
@@ -222,7 +223,9 @@ def test_shared_fitness_replacement_by_hand(models) -> None:
     # m1 = (1/3 + 1/2 + 1/2) / 4, m2 = (1/3 + 1/2) / 4, m3 = (1/3 + 1/2) / 4, c = 1 / 4
     slot = search.replacement(driver, ["m1", "m2", "m3"], rows, unique)
     assert slot == 1  # m2 and m3 tie below the child: the earliest goes
-    plain = SaeSearch(parse_recipe(recipe(models)), parse_recipe(recipe(models)).settings_for())
+    plain = SaeSearch.create(
+        parse_recipe(recipe(models)), parse_recipe(recipe(models)).settings_for()
+    )
     assert plain.replacement(driver, ["m1", "m2", "m3"], rows, unique) is None  # 0.25 < 0.5
     copy = Result(child, {"a": [1.0, 1.0], "b": [0.0, 0.0]})  # the same items as m2
     # totals a: 4, 3; b: 2, 0(->1): m2 = c = (1/4 + 1/3) / 4 < m3 = (1/4 + 1/2) / 4: no gain

@@ -17,9 +17,8 @@ from mergekit_sae.evolve.population import lineage, member_dir
 from mergekit_sae.evolve.recipe import parse_recipe
 from mergekit_sae.evolve.reproduce import RECIPE_FILE, run_recipe, write_recipe
 from mergekit_sae.evolve.runner import run
-from mergekit_sae.search.base import flat_items, shared_fitness
-from mergekit_sae.search.m2n2 import (
-    M2n2Settings,
+from mergekit_sae.search.m2n2 import M2n2Settings
+from mergekit_sae.search.niches import (
     archive_slot,
     attraction,
     crossover_record,
@@ -28,9 +27,11 @@ from mergekit_sae.search.m2n2 import (
     draw,
     draw_crossover,
     first_parent_probabilities,
+    flat_items,
     item_fitness,
     second_parent_probabilities,
     select_parents,
+    shared_fitness,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -30,7 +30,7 @@ def setup(tmp_path_factory) -> tuple[list[Path], dict[str, Path]]:
 
 def tracked_recipe(setup, tmp_path: Path, **overrides):
     parents, files = setup
-    data = recipe_data(parents, files, steps=4, population_size=4, **overrides)
+    data = recipe_data(parents, files, steps=4, **overrides)
     data["tasks"] = [
         {"name": "a", "type": "lm_eval", "subsample": 10},
         {"name": "b", "type": "lm_eval"},
@@ -67,8 +67,8 @@ def expected_values(state) -> dict[str, float]:
     }
     values.update({f"train/{t}": s for t, s in best.scores.items()})
     values.update({f"seconds/{k}": v for k, v in record.seconds.items()})
-    if record.rate is not None:
-        values["schedule/rate"] = record.rate
+    if record.info.get("rate") is not None:
+        values["schedule/rate"] = record.info["rate"]
     return values
 
 

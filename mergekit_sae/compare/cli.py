@@ -48,7 +48,8 @@ def command_line() -> str:
     "sweeps",
     multiple=True,
     metavar="FIELD=V1,V2,...",
-    help="Also run SAE with a recipe field (dotted path) set to each value; repeatable.",
+    help="Also run SAE with a recipe field (dotted path, e.g. sae.schedule.t0=2,6) set to each "
+    "value; repeatable.",
 )
 @click.option(
     "--tensorboard",

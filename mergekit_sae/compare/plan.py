@@ -3,8 +3,8 @@
 Every search gets the same evaluation budget (default: what the recipe's SAE run uses) and
 as many steps as it needs to spend it; a one-shot merge is one step and uses the
 evaluations it needs. Seeds 0..n-1 replace the recipe's seed. A sweep ``field=v1,v2`` adds
-SAE runs with one recipe field (dotted path: ``schedule.t0``, ``merge.sparsity_scope``,
-``sae.fitness``) set to each value.
+SAE runs with one recipe field (dotted path: ``sae.schedule.t0``, ``sae.crossover``,
+``sparsity_measure``) set to each value.
 """
 
 from __future__ import annotations

@@ -171,7 +171,7 @@ def export(run: Path, candidate: str, target: Path, *, device: str | None = None
             state.members,
             run,
             Path(cache),
-            prune_target=recipe["merge"]["prune_target"],
+            prune_target=recipe["prune_target"],
             shard_size=recipe["shard_size"],
             device=device,
         )

@@ -135,9 +135,9 @@ def report(
             None,
             device=ctx.device,
             sink=ctx.evaluator.receive,
-            stats_base=stats_reference(ctx.recipe.merge.prune_target, ctx.base),
+            stats_base=stats_reference(ctx.recipe.prune_target, ctx.base),
         )
-        measure = ctx.recipe.merge.sparsity_measure
+        measure = ctx.recipe.sparsity_measure
         linear.sparsity = sparsity_from_stats(outcome.stats, measure)
         linear.zero_fraction = sparsity_from_stats(outcome.stats, "zero_count")
         rows.append(test_result(ctx, "linear 50/50", "baseline", "linear", linear, items))
@@ -238,7 +238,7 @@ def finish(ctx: RunContext, state: RunState) -> RunState:
         state.members,
         ctx.out,
         cache,
-        prune_target=ctx.recipe.merge.prune_target,
+        prune_target=ctx.recipe.prune_target,
         shard_size=ctx.shard_size,
         device=ctx.device,
     )

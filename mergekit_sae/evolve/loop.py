@@ -59,7 +59,7 @@ def build_search(recipe: Recipe, state: dict[str, Any] | None = None) -> Search:
     """The recipe's search with its settings, restored from a checkpointed state when given."""
     cls = search_class(recipe.search)
     restored = cls.state_model.model_validate(state) if state else None
-    return cls(recipe, recipe.settings_for(), restored)
+    return cls.create(recipe, recipe.settings_for(), restored)
 
 
 @dataclass
@@ -95,9 +95,9 @@ def derive_seed(seed: int, *labels: object) -> int:
 
 
 def training_subsample(ctx: RunContext, step: int) -> dict[str, list[Any]]:
-    """Each task's training items for a step: drawn afresh from (seed, step, task), or step
-    1's draw at every step for a search that keeps its items fixed."""
-    draw = step if ctx.search.resample else 1
+    """Each task's training items for a step: the search's draw for the step, seeded by
+    (seed, draw, task); steps of one draw score on the same items."""
+    draw = ctx.search.items_draw(step)
     draws = {}
     for task in ctx.recipe.tasks:
         items = ctx.evaluator.items(task.name, "train")
@@ -161,9 +161,9 @@ def merge_member(
         device=ctx.device,
         sink=(receive or ctx.evaluator.receive) if sink else None,
         shard_size=ctx.shard_size,
-        stats_base=stats_reference(ctx.recipe.merge.prune_target, ctx.base),
+        stats_base=stats_reference(ctx.recipe.prune_target, ctx.base),
     )
-    apply_stats(member, outcome.stats, ctx.recipe.merge.sparsity_measure)
+    apply_stats(member, outcome.stats, ctx.recipe.sparsity_measure)
     return outcome
 
 
@@ -181,9 +181,9 @@ def original_member(ctx: RunContext, state: RunState, name: str, path: Path, ori
     identifier = member_id(state.next_member)
     state.next_member += 1
     member = Member(id=identifier, path=str(path), origin=origin, source=name)  # type: ignore[arg-type]
-    reference = stats_reference(ctx.recipe.merge.prune_target, ctx.base)
+    reference = stats_reference(ctx.recipe.prune_target, ctx.base)
     delta_base = reference if origin != "base" else None
-    apply_stats(member, model_stats(path, delta_base), ctx.recipe.merge.sparsity_measure)
+    apply_stats(member, model_stats(path, delta_base), ctx.recipe.sparsity_measure)
     state.members[identifier] = member
     return identifier
 
@@ -404,9 +404,6 @@ def step_record(
     return StepRecord(
         step=driver.step,
         evaluations=state.evaluations,
-        rate=notes.pop("rate", None),
-        offspring_density=notes.pop("offspring_density", None),
-        fitness_before=notes.pop("fitness_before", {}),
         subsample={name: len(items) for name, items in driver.items.items()},
         population_before=before,
         offspring=offspring,

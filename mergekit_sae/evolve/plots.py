@@ -59,7 +59,7 @@ def plot_fitness(records: Sequence[StepRecord]) -> Figure:
 def plot_sparsity(records: Sequence[StepRecord]) -> Figure:
     """Mean population sparsity and the schedule's pruning rate per step."""
     series = {
-        "schedule rate": [r.rate for r in records],
+        "schedule rate": [r.info.get("rate") for r in records],
         "mean sparsity": [r.mean_sparsity for r in records],
     }
     return plot_per_step(records, series, ylabel="fraction", title="Sparsity schedule", ylim=(0, 1))

@@ -1,4 +1,4 @@
-"""Population records and the pure rules of the archive: layout, pairing, fitness, replacement.
+"""Population records: every member, how it was made, and the history of each step.
 
 Every model the search ever makes is a :class:`Member`. A member records how it was made
 (:class:`MergeRecord`: the registered MergeKit method, its inputs with their per-model
@@ -12,14 +12,15 @@ scores, sparsity, fitness and which member (if any) it replaced.
 
 from __future__ import annotations
 
-import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-Origin = Literal["parent", "base", "pruned", "offspring", "particle", "candidate"]
+# How a member came to be: ``parent`` and ``base`` are the recipe's models (the driver records
+# them); every other word is the search's own (``offspring``, ``particle``, ...).
+Origin = str
 
 
 class MergeInput(BaseModel):
@@ -71,17 +72,15 @@ class Member(BaseModel):
       Use :func:`member_dir` to resolve it. Weights of members that left the population are
       deleted; their records stay.
     - ``origin``: ``parent`` (a dense model of the recipe), ``base`` (the recipe's base
-      model), ``pruned`` (a sparsified parent made for the initial population: ``sae_prune``,
-      or seeded DARE for PSO), ``offspring`` (a merge of members: SAE, M2N2), ``particle``
-      (a PSO position), ``candidate`` (a CMA-ES sample).
+      model), or the word the search that made it uses (``pruned``, ``offspring``, ...).
     - ``label``: a free description the search gives (``particle 2``...).
     - ``source``: for parents, the model as the recipe names it (path or Hub id).
     - ``inputs``: ids of the members it was made from (pruned: its parent; offspring: the pair).
     - ``merge``: the MergeKit stage that made it from ``inputs`` (None for parents).
     - ``born``: 0 for the initial population, else the step (1-based) that made it.
     - ``scores``: per-task score on the training subsample of step ``scored_at``.
-    - ``performance``: the weighted mean of ``scores``; ``fitness`` = performance +
-      fitness sparsity weight * ``sparsity``.
+    - ``performance``: the weighted mean of ``scores``; ``fitness``: the value the search
+      ranks it by (the performance until the search sets its own).
     - ``sparsity``: global sparsity of all its tensors under the recipe's sparsity measure;
       ``zero_fraction``: the fraction of exactly-zero elements over all tensors.
     - ``test_scores``: per-task test-split score, for the members evaluated on the test split.
@@ -129,8 +128,8 @@ class StepRecord(BaseModel):
     ``evaluations`` counts the fitness evaluations used so far (this step included);
     ``offspring`` lists every model made and scored this step; ``population_before`` /
     ``population_after`` list the member ids whose weights the search keeps, in archive
-    order; SAE also records its schedule ``rate`` and ``fitness_before`` (each starting
-    member's fitness as compared this step); ``info`` holds other search-specific notes;
+    order; ``info`` holds the search's own notes (SAE's schedule ``rate``, each starting
+    member's score as compared this step, each child's fate, ...);
     ``best``/``best_fitness``/``mean_fitness``/``mean_sparsity`` describe the population
     after replacement; ``seconds`` splits the step's wall time into ``merge``, ``write`` and
     ``score`` (not part of the result; only for reporting).
@@ -138,11 +137,8 @@ class StepRecord(BaseModel):
 
     step: int
     evaluations: int = 0
-    rate: float | None = None
-    offspring_density: float | None = None
     subsample: dict[str, int]
     population_before: list[str]
-    fitness_before: dict[str, float] = Field(default_factory=dict)
     offspring: list[OffspringRecord]
     population_after: list[str]
     best: str
@@ -193,61 +189,6 @@ def performance(scores: Mapping[str, float], weights: Mapping[str, float]) -> fl
     """Weighted mean of per-task scores (the paper's performance)."""
     total = sum(weights[name] for name in scores)
     return sum(weights[name] * score for name, score in scores.items()) / total
-
-
-def fitness(performance_value: float, sparsity_value: float, sparsity_weight: float) -> float:
-    """F = performance + beta_fit * global sparsity: sparsity competes with performance."""
-    return performance_value + sparsity_weight * sparsity_value
-
-
-def pruning_rates(count: int, s_min: float, s_max: float) -> list[float]:
-    """``count`` rates spread evenly over [s_min, s_max] (the midpoint when count is 1)."""
-    if count == 1:
-        return [(s_min + s_max) / 2]
-    return [s_min + (s_max - s_min) * j / (count - 1) for j in range(count)]
-
-
-def initial_layout(
-    n_parents: int, size: int, s_min: float, s_max: float
-) -> list[tuple[int, float | None]]:
-    """The initial archive as (parent index, pruning rate or None for the dense parent).
-
-    Each dense parent comes first; the remaining ``size - n_parents`` slots are sparse
-    variants dealt round-robin over the parents, each parent's variants at rates spread
-    evenly over [s_min, s_max].
-    """
-    if size < n_parents:
-        raise ValueError(f"population size {size} is smaller than the {n_parents} parents")
-    counts = [len(range(k, size - n_parents, n_parents)) for k in range(n_parents)]
-    layout: list[tuple[int, float | None]] = [(k, None) for k in range(n_parents)]
-    rates = [pruning_rates(c, s_min, s_max) if c else [] for c in counts]
-    for j in range(size - n_parents):
-        k = j % n_parents
-        layout.append((k, rates[k][j // n_parents]))
-    return layout
-
-
-def random_pairs(ids: Sequence[str], rng: random.Random) -> list[tuple[str, str]]:
-    """Shuffle the archive and pair it up into floor(N/2) disjoint pairs."""
-    order = list(ids)
-    rng.shuffle(order)
-    return [(order[2 * i], order[2 * i + 1]) for i in range(len(order) // 2)]
-
-
-def worst_index(fitnesses: Sequence[float]) -> int:
-    """Index of the lowest fitness; on ties the earliest in archive order."""
-    return min(range(len(fitnesses)), key=lambda i: (fitnesses[i], i))
-
-
-def best_index(fitnesses: Sequence[float]) -> int:
-    """Index of the highest fitness; on ties the earliest in archive order."""
-    return max(range(len(fitnesses)), key=lambda i: (fitnesses[i], -i))
-
-
-def replacement_slot(fitnesses: Sequence[float], candidate: float) -> int | None:
-    """Slot the candidate takes: the worst member's, if the candidate is strictly fitter."""
-    slot = worst_index(fitnesses)
-    return slot if candidate > fitnesses[slot] else None
 
 
 def lineage(members: Mapping[str, Member], member: str) -> list[Member]:

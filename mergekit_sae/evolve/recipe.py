@@ -13,32 +13,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mergekit_sae.domains import (
-    CycleLength,
-    NonNegative,
-    PruneTarget,
-    Rate,
-    Redense,
-    SparsityMeasure,
-    SparsityScope,
-    check_schedule,
-)
+from mergekit_sae.domains import PruneTarget, SparsityMeasure
 from mergekit_sae.dtypes import DtypeName
 from mergekit_sae.errors import RecipeError
 from mergekit_sae.evaluate import TaskSpec
+from mergekit_sae.search.sae_settings import moved_fields
 
 Dtype = DtypeName
 Baseline = Literal["parents", "linear"]
-__all__ = [
-    "Dtype",
-    "Baseline",
-    "RecipeError",
-    "Recipe",
-    "MergeSettings",
-    "Schedule",
-    "TrackingSettings",
-    "WandbSettings",
-]
+__all__ = ["Dtype", "Baseline", "RecipeError", "Recipe", "TrackingSettings", "WandbSettings"]
 
 
 class EvolveTask(TaskSpec):
@@ -51,41 +34,6 @@ class EvolveTask(TaskSpec):
         None, ge=1, description="test items used for the final report (None: all of them)"
     )
     weight: float = Field(1.0, gt=0, description="weight of the task in the performance mean")
-
-
-class Schedule(BaseModel):
-    """The cyclic sparsity schedule: rate rises from s_min to s_max in cycles T0, T0*Tmult, ..."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    s_min: Rate = 0.1
-    s_max: Rate = 0.6
-    t0: CycleLength = 3
-    t_mult: CycleLength = 2
-
-    @model_validator(mode="after")
-    def _ordered(self) -> Schedule:
-        """The rule ``cyclic_rate`` applies (s_min must not exceed s_max)."""
-        check_schedule(self.s_min, self.s_max, self.t0, self.t_mult)
-        return self
-
-
-class MergeSettings(BaseModel):
-    """Shared parameters of every ``sae_evolve`` merge (and the pruning target of ``sae_prune``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    method: Literal["sae_evolve", "scf_rkl"] = Field(
-        "sae_evolve",
-        description="the SAE search's offspring operator: sae_evolve (eq. 5), or scf_rkl with "
-        "the fitter parent as anchor and fused density = the schedule's rate",
-    )
-    sparsity_weight: NonNegative = Field(1.0, description="beta of omega = beta * rho")
-    sparsity_measure: SparsityMeasure = "zero_count"
-    sparsity_scope: SparsityScope = "global"
-    prune_target: PruneTarget = "weights"
-    redense: Redense = "parents"
-    renormalize: bool = True
 
 
 class WandbSettings(BaseModel):
@@ -149,13 +97,14 @@ class Recipe(BaseModel):
     models: list[str] = Field(min_length=2, description="the dense parents (paths or Hub ids)")
     base_model: str | None = Field(None, description="shared base (needed by prune_target delta)")
     tasks: list[EvolveTask] = Field(min_length=1)
-    population_size: int = Field(6, ge=2, description="archive size (dense parents included)")
     steps: int = Field(12, ge=1)
-    schedule: Schedule = Field(default_factory=Schedule)
-    fitness_sparsity_weight: float = Field(0.1, ge=0.0, description="beta_fit of the fitness")
-    merge: MergeSettings = Field(default_factory=MergeSettings)
-    rescore_population: bool = Field(
-        True, description="re-score every member on each step's fresh subsample"
+    prune_target: PruneTarget = Field(
+        "weights",
+        description="what pruning acts on and zeros are counted in: the weights, or the task "
+        "vectors (model - base_model)",
+    )
+    sparsity_measure: SparsityMeasure = Field(
+        "zero_count", description="how a model's sparsity is measured (reports, SAE's eq. 5)"
     )
     seed: int = 0
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N (merging and scoring)")
@@ -212,11 +161,17 @@ class Recipe(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _collect_search_blocks(cls, data: Any) -> Any:
-        """Move top-level blocks named after a search (``pso:``...) into ``search_settings``."""
+        """Move top-level blocks named after a search (``pso:``...) into ``search_settings``;
+        refuse fields of the earlier layout, naming where each one moved."""
         from mergekit_sae.search import search_names
 
         if not isinstance(data, dict):
             return data
+        moved = moved_fields(data)
+        if moved:
+            raise ValueError(
+                "these fields moved (SAE's settings live in the `sae:` block): " + "; ".join(moved)
+            )
         data = dict(data)
         blocks = dict(data.get("search_settings") or {})
         for name in search_names():
@@ -290,8 +245,8 @@ class Recipe(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
         """Cross-field rules: delta pruning needs a base; the search's own rules."""
-        if self.merge.prune_target == "delta" and self.base_model is None:
-            raise ValueError("merge.prune_target 'delta' prunes model - base: set base_model")
+        if self.prune_target == "delta" and self.base_model is None:
+            raise ValueError("prune_target 'delta' prunes model - base: set base_model")
         from mergekit_sae.search import search_class
 
         search_class(self.search).check_recipe(self, self.settings_for())

@@ -44,7 +44,7 @@ def step_values(record: StepRecord, members: Mapping[str, Member]) -> dict[str, 
         **{f"train/{task}": score for task, score in best.scores.items()},
         "zeros/best": best.zero_fraction,
         "zeros/population": sum(m.zero_fraction for m in living) / max(1, len(living)),
-        "schedule/rate": record.rate,
+        "schedule/rate": record.info.get("rate"),
         "evaluations": record.evaluations,
         **{f"seconds/{key}": seconds for key, seconds in record.seconds.items()},
     }

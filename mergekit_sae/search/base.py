@@ -145,6 +145,14 @@ class Search(ABC):
         self.state = state if state is not None else self.state_model()
 
     @classmethod
+    def create(
+        cls, recipe: Any, settings: SearchSettings, state: BaseModel | None = None
+    ) -> Search:
+        """The search object a run uses (a search with variants returns the one its settings
+        choose)."""
+        return cls(recipe, settings, state)
+
+    @classmethod
     def natural_budget(cls, recipe: Any, settings: SearchSettings) -> int | None:
         """Evaluations a run uses when the recipe sets no budget (None: as many as steps take)."""
         return None
@@ -168,6 +176,13 @@ class Search(ABC):
         """Whether each step draws fresh training items (else every step uses step 1's)."""
         return bool(getattr(self.settings, "resample", True))
 
+    def items_draw(self, step: int) -> int:
+        """Which draw of training items a step scores on: steps with the same draw share items.
+
+        Default: a draw per step when the search resamples, else step 1's draw for every step.
+        """
+        return step if self.resample else 1
+
     @abstractmethod
     def start(self, driver: Driver) -> None:
         """Make the initial stored models (no scoring needed) and set up the state."""
@@ -183,40 +198,3 @@ class Search(ABC):
     @abstractmethod
     def best(self, members: Mapping[str, Member]) -> str:
         """The member id of the search's answer so far (written out at the end)."""
-
-
-def shared_fitness(
-    scores: Sequence[Sequence[float]], alpha: float, item_weights: Sequence[float] | None = None
-) -> list[float]:
-    """M2N2 resource competition: f_i = sum_j w_j s_ij / (sum_k s_kj)^alpha.
-
-    Column totals of zero are replaced by 1 (nobody solves the item, nobody gains); ``alpha``
-    0 gives the plain weighted sum. ``item_weights`` default to 1 per item.
-    """
-    if not scores:
-        return []
-    width = len(scores[0])
-    if any(len(row) != width for row in scores):
-        raise ValueError("every model needs a score for every item")
-    weights = list(item_weights) if item_weights is not None else [1.0] * width
-    totals = [sum(row[j] for row in scores) for j in range(width)]
-    shares = [w / ((t if t != 0 else 1.0) ** alpha) for w, t in zip(weights, totals, strict=True)]
-    return [sum(s * share for s, share in zip(row, shares, strict=True)) for row in scores]
-
-
-def flat_items(
-    item_scores: Mapping[str, Sequence[float]], task_weights: Mapping[str, float]
-) -> tuple[list[float], list[float]]:
-    """Per-item scores of all tasks in one row, and the weight that makes their sum the mean.
-
-    Item j of task t weighs w_t / (n_t * sum of weights), so the weighted sum of the row is
-    the task-weighted mean of the task accuracies (the performance).
-    """
-    total = sum(task_weights[t] for t in item_scores)
-    row: list[float] = []
-    weights: list[float] = []
-    for task in sorted(item_scores):
-        values = list(item_scores[task])
-        row += values
-        weights += [task_weights[task] / (len(values) * total)] * len(values)
-    return row, weights

@@ -26,7 +26,8 @@ from pydantic import BaseModel, Field, field_validator
 
 from mergekit_sae.evolve.population import Member, MergeInput, MergeRecord
 from mergekit_sae.search.base import Driver, Proposal, Search, SearchSettings
-from mergekit_sae.search.sae import merge_parameters, parent_inputs
+from mergekit_sae.search.sae_operators import merge_parameters, parent_inputs
+from mergekit_sae.search.sae_settings import SaeSettings
 
 
 @dataclass(frozen=True)
@@ -141,15 +142,17 @@ def with_importance(record: MergeRecord, report: Mapping[str, Any]) -> MergeReco
     return record.model_copy(update={"inputs": inputs})
 
 
-def sae_oneshot_record(recipe: Any, parents: list[Member], dtype: str) -> MergeRecord:
-    """``sae_evolve`` of the dense experts with their scores, at the schedule's middle rate."""
-    settings = recipe.merge
-    rate = (recipe.schedule.s_min + recipe.schedule.s_max) / 2
+def sae_oneshot_record(
+    recipe: Any, sae: SaeSettings, parents: list[Member], dtype: str
+) -> MergeRecord:
+    """``sae_evolve`` of the dense experts with their scores (merge settings of the recipe's
+    ``sae:`` block), the child pruned at the schedule's middle rate."""
+    rate = (sae.schedule.s_min + sae.schedule.s_max) / 2
     return MergeRecord(
         method="sae_evolve",
-        inputs=parent_inputs(settings, parents),
-        base_model=recipe.base_model if settings.prune_target == "delta" else None,
-        parameters=merge_parameters(settings, 1.0 - rate),
+        inputs=parent_inputs(sae.merge, parents),
+        base_model=recipe.base_model if recipe.prune_target == "delta" else None,
+        parameters=merge_parameters(sae.merge, recipe, 1.0 - rate),
         dtype=dtype,
     )
 
@@ -219,7 +222,9 @@ class OneShotSearch(Search):
             if len(scored) < len(driver.parents):
                 return
             parents = [driver.members[i] for i in driver.parents]
-            record = sae_oneshot_record(self.recipe, parents, driver.dtype)
+            record = sae_oneshot_record(
+                self.recipe, self.recipe.settings_for("sae"), parents, driver.dtype
+            )
             if self.settings.density is not None:
                 shared = {**record.parameters, "offspring_density": self.settings.density}
                 record = record.model_copy(update={"parameters": shared})

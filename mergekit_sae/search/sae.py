@@ -1,191 +1,181 @@
-"""Sparsity-Aware Evolution (arXiv 2602.08218, section 2) as a search of the shared driver.
+"""Sparsity-Aware Evolution (arXiv 2602.08218) on M2N2's framework, as its authors run it.
 
-Start: the dense parents plus ``sae_prune`` variants at rates spread over [s_min, s_max].
-Step t (1-based), with pruning rate r_t = cyclic_rate(t - 1):
+The paper adopts the framework of Abrantes et al. (M2N2, natural niches) and its authors' code
+(FeiYe0310/SparseFusion, "Sparsity-Aware Natural Niches") is that loop with sparsity added. This
+module takes the framework from the code and the offspring operator from the paper:
 
-1. score the population on the step's items (every member when ``rescore_population``, else
-   only members never scored), so offspring and members are compared on the same items;
-2. shuffle the population into floor(N/2) pairs;
-3. for each pair, make the ``sae_evolve`` merge of the two members (scores = their
-   performance, densities 1.0 since members are already sparse, offspring density 1 - r_t),
-   score it, and let it replace the worst member when its fitness (performance + beta_fit *
-   global sparsity) is strictly higher.
+- **Archive** of ``archive_size`` members, started as the paper says: each dense parent plus
+  ``sae_prune`` variants at rates spread over [s_min, s_max]; all scored in step 1.
+- **Per-item scores on fixed items** (as M2N2): every child costs exactly one evaluation.
+  ``redraw_every: k`` draws fresh items every k steps and re-scores the archive on them (those
+  evaluations count in the budget).
+- **Total score** (:func:`total_scores`): shared fitness (resource competition, exponent
+  ``alpha``; the per-item weights sum to 1, so it is a member's share of the items, as the
+  authors' fitness divided by M^alpha) + ``weight`` * the sparsity term, ``linear`` (the
+  member's fraction of zeros) or ``softmax`` (the authors' softmax over the archive with a
+  temperature). A member with more zeros than ``max_zeros`` scores -inf: never a parent, first
+  to leave. Probabilities are built from the positive part of the totals and fall back to a
+  uniform draw, never from normalising negative scores.
+- **Parents** (:func:`choose_parents`): the first with probability proportional to the total
+  score; the second by attraction to the first (M2N2's matchmaker), or by total score.
+- **Offspring**: ``crossover: sae_evolve`` is the paper's eq. 5 per-tensor merge of the pair
+  (parent scores plus sparsity signals, attraction, ``renormalize``, ``redense``), one MergeKit
+  stage; ``slerp`` is M2N2's split-point SLERP; ``scf_rkl`` fuses into the pair's fitter member.
+- **Mutation**: magnitude pruning at the cyclic schedule's rate (its clock: the children made so
+  far), applied to both parents before the merge and to the child (section 2.4). With
+  ``sae_evolve`` both are densities of the one stage; with ``slerp`` they are ``sae_prune``
+  stages around the ``slerp`` stage. No Gaussian noise (pre-trained models).
+- **Archive update** (:func:`eviction_slot`): the child joins; once full, the member of archive +
+  child with the lowest total score leaves (the child itself when it is the worst).
+- **The answer** (:func:`result_index`): the member of highest total score without competition
+  (alpha 0: the performance plus the sparsity term). The shared fitness rewards holding items
+  few others solve, which keeps the archive diverse; the answer is the model best on all items.
 
-With ``merge.method: scf_rkl`` step 3's offspring is instead the ``scf_rkl`` merge of the pair:
-the fitter member (plain fitness; ties: the first of the pair) is the anchor, the other the
-donor, and the fused density is r_t (the share of the anchor's coordinates the schedule lets the
-donor replace); that offspring is not pruned (:func:`scf_rkl_offspring_record`).
-
-With ``fitness: shared`` the replacement compares M2N2's shared fitness instead (resource
-competition over the step's per-item scores of the population and the child, exponent
-``alpha``): a child that solves items few members solve is worth more. The final model is
-still the member of highest plain fitness.
+``framework: ga`` keeps the paper's section 2.1 read literally (:mod:`.sae_ga`).
 """
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, Field
-
-from mergekit_sae.evolve.population import (
-    Member,
-    MergeInput,
-    MergeRecord,
+from mergekit_sae.evolve.merging import open_model, tensor_names
+from mergekit_sae.evolve.population import Member
+from mergekit_sae.search.base import Driver, Proposal, Result, Search, SearchSettings
+from mergekit_sae.search.niches import (
+    attraction,
     best_index,
-    fitness,
-    initial_layout,
-    lineage,
-    random_pairs,
-    replacement_slot,
+    crossover_record,
+    crossover_units,
+    draw,
+    draw_crossover,
+    flat_items,
+    item_fitness,
+    shared_fitness,
     worst_index,
 )
-from mergekit_sae.search.base import (
-    Driver,
-    Proposal,
-    Result,
-    Search,
-    SearchSettings,
-    flat_items,
-    shared_fitness,
+from mergekit_sae.search.sae_ga import SaeGaSearch
+from mergekit_sae.search.sae_operators import (
+    make_initial_archive,
+    offspring_record,
+    original_parents,
+    prune_record,
+    scf_rkl_offspring_record,
 )
-from mergekit_sae.sparsity import cyclic_rate
+from mergekit_sae.search.sae_settings import SaeSettings, SaeState, SparsityTerm
 
-# Smallest score handed to the merge: eq. 5 is undefined when every parent scores zero.
-SCORE_FLOOR = 1e-6
+EXCLUDED = float("-inf")  # the total score of a member over the max_zeros cap
 
-
-class SaeSettings(SearchSettings):
-    """SAE's own block (``sae:``); population, schedule and merge settings are top-level."""
-
-    fitness: Literal["plain", "shared"] = Field(
-        "plain", description="replacement by plain fitness, or by M2N2-style shared fitness"
-    )
-    alpha: float = Field(1.0, ge=0.0, description="exponent of the shared fitness")
-    resample: bool = Field(True, description="draw fresh training items every step")
+# --- pure rules -------------------------------------------------------------------------------
 
 
-class SaeState(BaseModel):
-    """The living population, in archive order."""
-
-    population: list[str] = Field(default_factory=list)
-
-
-def rate_at(recipe: Any, step: int) -> float:
-    """The schedule's pruning rate of a 1-based step."""
-    schedule = recipe.schedule
-    return cyclic_rate(
-        step - 1, s_min=schedule.s_min, s_max=schedule.s_max, t0=schedule.t0, t_mult=schedule.t_mult
-    )
+def sparsity_terms(zeros: Sequence[float], form: str, temperature: float = 1.0) -> list[float]:
+    """The sparsity term of each member: its zeros (linear), or softmax(zeros / tau) over all."""
+    if form == "linear":
+        return [float(z) for z in zeros]
+    top = max(zeros) / temperature
+    exps = [math.exp(z / temperature - top) for z in zeros]
+    total = sum(exps)
+    return [e / total for e in exps]
 
 
-def prune_record(recipe: Any, parent: Member, rate: float, dtype: str) -> MergeRecord:
-    """The ``sae_prune`` stage that makes a sparse variant of a parent at a pruning rate."""
-    delta = recipe.merge.prune_target == "delta"
-    return MergeRecord(
-        method="sae_prune",
-        inputs=[MergeInput(member=parent.id, parameters={"density": 1.0 - rate})],
-        base_model=recipe.base_model if delta else None,
-        parameters={"prune_target": recipe.merge.prune_target},
-        dtype=dtype,
-    )
-
-
-def parent_inputs(
-    settings: Any, parents: Sequence[Member], density: float | None = None
-) -> list[MergeInput]:
-    """Per-model ``sae_evolve`` inputs: score = performance (at least SCORE_FLOOR), the
-    density when given, and the global sparsity under the global scope."""
-    inputs = []
-    for parent in parents:
-        per_model: dict[str, Any] = {"score": max(float(parent.performance), SCORE_FLOOR)}
-        if density is not None:
-            per_model["density"] = density
-        if settings.sparsity_scope == "global":
-            per_model["global_sparsity"] = parent.sparsity
-        inputs.append(MergeInput(member=parent.id, parameters=per_model))
-    return inputs
-
-
-def merge_parameters(settings: Any, offspring_density: float) -> dict[str, Any]:
-    """The shared ``sae_evolve`` parameters of the recipe's merge settings."""
-    return {
-        "sparsity_weight": settings.sparsity_weight,
-        "sparsity_measure": settings.sparsity_measure,
-        "sparsity_scope": settings.sparsity_scope,
-        "renormalize": settings.renormalize,
-        "prune_target": settings.prune_target,
-        "offspring_density": offspring_density,
-    }
-
-
-def offspring_record(
-    recipe: Any, parents: Sequence[Member], originals: Sequence[Member], rate: float, dtype: str
-) -> MergeRecord:
-    """The ``sae_evolve`` stage that makes one offspring of a pair at the step's rate.
-
-    Per-model: ``score`` = the parent's performance (at least SCORE_FLOOR, so a pair that
-    scores zero on every task still merges, with equal weights), ``density`` = 1.0 (members
-    are already pruned), ``global_sparsity`` = its global sparsity (global scope). With ``redense:
-    original`` the original dense parents the pair descends from follow as ``dense_reference``
-    inputs (the method refills pruned slots from their mean), except an original that is itself
-    one of the pair: MergeKit cannot take one model twice, and a dense parent in the pair already
-    holds every slot. When that leaves no reference the merge is recorded as ``redense:
-    parents`` (with ``renormalize``, the dense member's values then fill those slots alike).
-    """
-    settings = recipe.merge
-    inputs = parent_inputs(settings, parents, density=1.0)
-    references = [
-        original
-        for original in dict.fromkeys(m.id for m in originals)
-        if original not in {parent.id for parent in parents}
+def total_scores(
+    rows: Sequence[Sequence[float]],
+    item_weights: Sequence[float],
+    zeros: Sequence[float],
+    alpha: float,
+    term: SparsityTerm,
+) -> list[float]:
+    """Total = shared fitness (exponent alpha) + weight * sparsity term; -inf above the cap."""
+    fitness = shared_fitness(rows, alpha, item_weights)
+    terms = sparsity_terms(zeros, term.form, term.temperature)
+    cap = term.max_zeros
+    return [
+        EXCLUDED if cap is not None and z > cap else f + term.weight * t
+        for f, t, z in zip(fitness, terms, zeros, strict=True)
     ]
-    redense = settings.redense if references else "parents"
-    if redense == "original":
-        for original in references:
-            inputs.append(MergeInput(member=original, parameters={"dense_reference": True}))
-    delta = settings.prune_target == "delta"
-    return MergeRecord(
-        method="sae_evolve",
-        inputs=inputs,
-        base_model=recipe.base_model if delta else None,
-        parameters={**merge_parameters(settings, 1.0 - rate), "redense": redense},
-        dtype=dtype,
-    )
 
 
-def scf_rkl_offspring_record(pair: Sequence[Member], rate: float, dtype: str) -> MergeRecord:
-    """The ``scf_rkl`` stage of one offspring: the fitter member anchors, the other donates.
+def selection_probabilities(values: Sequence[float], exclude: int | None = None) -> list[float]:
+    """Probabilities proportional to the positive part of ``values``.
 
-    Fitness is the members' plain fitness (ties: the first of the pair); the fused density
-    is the schedule's rate, so the offspring keeps 1 - rate of the anchor's coordinates.
+    Members at -inf (over the cap) and ``exclude`` get 0. When no other member has a positive
+    value: uniform over those not at -inf (all but ``exclude`` when every other one is).
     """
-    first, second = pair
-    fitter = float(second.fitness or 0.0) > float(first.fitness or 0.0)
-    anchor, donor = (second, first) if fitter else (first, second)
-    return MergeRecord(
-        method="scf_rkl",
-        inputs=[MergeInput(member=donor.id)],
-        base_member=anchor.id,
-        parameters={"density": rate},
-        dtype=dtype,
-    )
+    allowed = [i != exclude and v != EXCLUDED for i, v in enumerate(values)]
+    if not any(allowed):
+        allowed = [i != exclude for i in range(len(values))]
+    if not any(allowed):
+        raise ValueError("no member can be drawn")
+    positive = [max(0.0, v) if ok else 0.0 for v, ok in zip(values, allowed, strict=True)]
+    total = sum(positive)
+    if total > 0:
+        return [p / total for p in positive]
+    share = 1.0 / sum(allowed)
+    return [share if ok else 0.0 for ok in allowed]
 
 
-def original_parents(members: dict[str, Member], pair: Sequence[Member]) -> list[Member]:
-    """The dense parents the members of a pair descend from, in order of creation."""
-    found = {
-        ancestor.id: ancestor
-        for member in pair
-        for ancestor in lineage(members, member.id)
-        if ancestor.origin == "parent"
-    }
-    return [found[identifier] for identifier in sorted(found)]
+def choose_parents(
+    rows: Sequence[Sequence[float]],
+    item_weights: Sequence[float],
+    totals: Sequence[float],
+    alpha: float,
+    rng: random.Random,
+    *,
+    matchmaker: bool = True,
+) -> tuple[int, int]:
+    """Indices (first, second): the first by total score, the second by attraction to the
+    first (``matchmaker``) or by total score; two different members, none over the cap while
+    others are left."""
+    if len(rows) < 2:
+        raise ValueError("mate selection needs at least two archive members")
+    first = draw(selection_probabilities(totals), rng)
+    if matchmaker:
+        pull = attraction(item_fitness(rows, alpha, item_weights), first)
+        pull = [EXCLUDED if t == EXCLUDED else p for p, t in zip(pull, totals, strict=True)]
+    else:
+        pull = list(totals)
+    second = draw(selection_probabilities(pull, exclude=first), rng)
+    return first, second
+
+
+def eviction_slot(totals: Sequence[float], capacity: int) -> int | None:
+    """Where the child (the last of ``totals``: archive then child) goes.
+
+    The archive's length (append) while it holds fewer than ``capacity``; once full, the slot
+    of the lowest total (earliest on ties, the child last), or None when that is the child.
+    """
+    size = len(totals) - 1
+    if size < capacity:
+        return size
+    worst = worst_index(totals)
+    return None if worst == size else worst
+
+
+def result_index(
+    performances: Sequence[float | None], zeros: Sequence[float], term: SparsityTerm
+) -> int:
+    """The answer: highest performance + weight * sparsity term (no competition); members
+    never scored or over the cap only when nothing else is left."""
+    terms = sparsity_terms(zeros, term.form, term.temperature)
+    cap = term.max_zeros
+    values = [
+        EXCLUDED if p is None or (cap is not None and z > cap) else p + term.weight * t
+        for p, t, z in zip(performances, terms, zeros, strict=True)
+    ]
+    if all(v == EXCLUDED for v in values):
+        values = [EXCLUDED if p is None else p for p in performances]
+    return best_index(values)
+
+
+# --- the search -------------------------------------------------------------------------------
 
 
 class SaeSearch(Search):
-    """The paper's search: pair, merge with sparsity-aware weights, prune, replace the worst."""
+    """SAE on natural niches: competition, attraction, pruning as mutation, eq. 5 offspring."""
 
     name = "sae"
     title = "Sparsity-Aware Evolution ([SAE](https://arxiv.org/abs/2602.08218))"
@@ -195,114 +185,215 @@ class SaeSearch(Search):
     state: SaeState
 
     @classmethod
+    def create(cls, recipe: Any, settings: SearchSettings, state: Any = None) -> Search:
+        """The framework's search: natural niches, or the generational GA."""
+        assert isinstance(settings, SaeSettings)
+        variant = SaeGaSearch if settings.framework == "ga" else cls
+        return variant(recipe, settings, state)
+
+    @classmethod
     def natural_budget(cls, recipe: Any, settings: SearchSettings) -> int | None:
-        """Population scores (every step when re-scoring, else once) plus floor(N/2) offspring."""
-        size, pairs = recipe.population_size, recipe.population_size // 2
-        if recipe.rescore_population:
-            return recipe.steps * (size + pairs)
-        return size + recipe.steps * pairs
+        """The archive's first scores, one evaluation per child, and each re-draw's re-scores."""
+        assert isinstance(settings, SaeSettings)
+        if settings.framework == "ga":
+            return SaeGaSearch.natural_budget(recipe, settings)
+        redraws = (recipe.steps - 1) // settings.redraw_every if settings.redraw_every else 0
+        return settings.archive_size * (1 + redraws) + recipe.steps * settings.children_per_step
 
     @classmethod
     def check_recipe(cls, recipe: Any, settings: SearchSettings) -> None:
-        """The population holds every parent; shared fitness compares per-item scores of one
-        step, so it needs re-scoring."""
-        if recipe.population_size < len(recipe.models):
+        """Every dense parent starts in the archive."""
+        assert isinstance(settings, SaeSettings)
+        if settings.archive_size < len(recipe.models):
             raise ValueError(
-                f"population_size ({recipe.population_size}) must be at least the number of "
-                f"models ({len(recipe.models)}): every dense parent starts in the population"
+                f"sae.archive_size ({settings.archive_size}) must be at least the number of "
+                f"models ({len(recipe.models)}): every dense parent starts in the archive"
             )
-        if getattr(settings, "fitness", "plain") == "shared" and not recipe.rescore_population:
-            raise ValueError("sae.fitness 'shared' needs rescore_population: true")
+
+    def items_draw(self, step: int) -> int:
+        """Step 1's items, or a fresh draw every ``redraw_every`` steps."""
+        every = self.settings.redraw_every
+        return 1 if every is None else 1 + ((step - 1) // every) * every
 
     def start(self, driver: Driver) -> None:
-        """Each dense parent, then pruned variants dealt round-robin at spread rates."""
-        recipe = self.recipe
-        parents = [driver.members[i] for i in driver.parents]
-        layout = initial_layout(
-            len(parents), recipe.population_size, recipe.schedule.s_min, recipe.schedule.s_max
-        )
-        population = []
-        for index, rate in layout:
-            if rate is None:
-                population.append(parents[index].id)
-                continue
-            proposal = Proposal(
-                merge=prune_record(recipe, parents[index], rate, driver.dtype),
-                origin="pruned",
-                inputs=(parents[index].id,),
-            )
-            (made,) = driver.make([proposal], score=False)
-            population.append(made.member.id)
-        self.state.population = population
-
-    def fitness_of(self, member: Member) -> float:
-        """Plain fitness: performance + beta_fit * global sparsity."""
-        return fitness(
-            float(member.performance), member.sparsity, self.recipe.fitness_sparsity_weight
-        )
+        """The initial archive (scored in step 1) and, for SLERP, the crossover units."""
+        self.state.archive = make_initial_archive(self.recipe, self.settings, driver)
+        if self.settings.crossover == "slerp":
+            path = Path(driver.members[driver.parents[0]].path)
+            self.state.units = crossover_units(tensor_names([open_model(path)], [path]))
 
     def step(self, driver: Driver, step: int) -> None:
-        """Score the population, make one offspring per pair, replace the worst when fitter."""
-        recipe = self.recipe
-        rate = rate_at(recipe, step)
-        scf_rkl = recipe.merge.method == "scf_rkl"
-        if scf_rkl:
-            driver.note(rate=rate, scf_rkl_density=rate)
-        else:
-            driver.note(rate=rate, offspring_density=1.0 - rate)
-        population = self.state.population
-        wanted = [
-            i
-            for i in population
-            if recipe.rescore_population or driver.members[i].scored_at is None
-        ]
-        scored = driver.rescore(wanted)
-        for result in scored:
-            result.member.fitness = self.fitness_of(result.member)
-        if len(scored) < len(wanted):
-            return  # the budget ran out while scoring the population
-        rows = {r.member.id: r.item_scores for r in scored}
-        driver.note(fitness_before={i: float(driver.members[i].fitness) for i in population})
-        pairs = random_pairs(population, driver.rng(step, "pairs"))
-        proposals = []
-        for first, second in pairs:
-            pair = [driver.members[first], driver.members[second]]
-            if scf_rkl:
-                record = scf_rkl_offspring_record(pair, rate, driver.dtype)
-            else:
-                originals = original_parents(dict(driver.members), pair)
-                record = offspring_record(recipe, pair, originals, rate, driver.dtype)
-            proposals.append(Proposal(merge=record, origin="offspring", inputs=(first, second)))
-        for child in driver.make(proposals):
-            child.member.fitness = self.fitness_of(child.member)
-            slot = self.replacement(driver, population, rows, child)
-            if slot is not None:
-                driver.note(replacements={child.member.id: population[slot]})
-                population[slot] = child.member.id
-                rows[child.member.id] = child.item_scores
+        """Score the archive on a new draw of items, then make the step's children in turn."""
+        state = self.state
+        draw_now = self.items_draw(step)
+        if state.draw != draw_now:
+            if not self.score_archive(driver):
+                return  # the budget ran out while scoring the archive
+            state.draw = draw_now
+        driver.note(total_before=self.totals_by_member(driver))
+        children = []
+        for index in range(self.settings.children_per_step):
+            made = self.make_child(driver, step, index)
+            if made is None:
+                break  # the budget is spent
+            children.append(made)
+        if children:
+            driver.note(rate=sum(c["rate"] for c in children) / len(children))
+        driver.note(children=children, archive_total=self.totals_by_member(driver))
 
-    def replacement(
+    def score_archive(self, driver: Driver) -> bool:
+        """Score every archive member on the step's items; False when the budget ran out."""
+        results = driver.rescore(self.state.archive)
+        for result in results:
+            self.store_row(driver, result)
+        self.set_fitness(driver)
+        return len(results) == len(self.state.archive)
+
+    def store_row(self, driver: Driver, result: Result) -> list[float]:
+        """Keep a scored member's flat per-item row (and the items' weights)."""
+        row, weights = flat_items(result.item_scores, driver.task_weights)
+        self.state.rows[result.member.id] = row
+        self.state.item_weights = weights
+        return row
+
+    def totals(self, driver: Driver, ids: Sequence[str]) -> list[float]:
+        """The total scores of members (rows on the current items) against each other."""
+        settings = self.settings
+        rows = [self.state.rows[i] for i in ids]
+        zeros = [driver.members[i].sparsity for i in ids]
+        return total_scores(
+            rows, self.state.item_weights, zeros, settings.alpha, settings.sparsity_term
+        )
+
+    def totals_by_member(self, driver: Driver) -> dict[str, float]:
+        """Each scored archive member's total score (for the history)."""
+        ids = [i for i in self.state.archive if i in self.state.rows]
+        return dict(zip(ids, self.totals(driver, ids), strict=True)) if ids else {}
+
+    def make_child(self, driver: Driver, step: int, index: int) -> dict[str, Any] | None:
+        """Select parents, make and score one child, update the archive; None when unaffordable."""
+        state, settings = self.state, self.settings
+        if driver.budget_left == 0 or len(state.archive) < 2:
+            return None
+        rng = driver.rng(step, "sae", index, "parents")
+        totals = self.totals(driver, state.archive)
+        rows = [state.rows[i] for i in state.archive]
+        first, second = choose_parents(
+            rows, state.item_weights, totals, settings.alpha, rng, matchmaker=settings.matchmaker
+        )
+        pair = (state.archive[first], state.archive[second])
+        rate = settings.schedule.rate(state.children)
+        child = self.offspring(driver, step, index, pair, rate, (totals[first], totals[second]))
+        if child is None:
+            return None
+        state.children += 1
+        return self.admit(driver, child, pair, rate)
+
+    def offspring(
         self,
         driver: Driver,
-        population: list[str],
-        rows: dict[str, dict[str, list[float]]],
-        child: Result,
-    ) -> int | None:
-        """The slot the child takes (plain or shared fitness), or None when it is not fitter."""
-        members = driver.members
-        if self.settings.fitness == "plain":
-            current = [float(members[i].fitness) for i in population]
-            return replacement_slot(current, float(child.member.fitness))
-        matrix, weights = [], []
-        for scores in [*(rows[i] for i in population), child.item_scores]:
-            row, weights = flat_items(scores, driver.task_weights)
-            matrix.append(row)
-        shared = shared_fitness(matrix, self.settings.alpha, weights)
-        beta = self.recipe.fitness_sparsity_weight
-        candidates = [*(members[i] for i in population), child.member]
-        values = [f + beta * m.sparsity for f, m in zip(shared, candidates, strict=True)]
-        slot = worst_index(values[:-1])
-        return slot if values[-1] > values[slot] else None
+        step: int,
+        index: int,
+        pair: tuple[str, str],
+        rate: float,
+        totals: tuple[float, float],
+    ) -> Result | None:
+        """Make and score the pair's child with the recipe's operator (None: no budget)."""
+        settings, members = self.settings, driver.members
+        parents = [members[i] for i in pair]
+        parent_density = 1.0 - rate if settings.prune_parents else 1.0
+        child_density = 1.0 - rate if settings.prune_child else 1.0
+        label = f"rate {rate:.4f}"
+        if settings.crossover == "slerp":
+            return self.slerp_child(driver, step, index, pair, parent_density, child_density)
+        if settings.crossover == "scf_rkl":
+            record = scf_rkl_offspring_record(parents, list(totals), rate, driver.dtype)
+        else:
+            record = offspring_record(
+                settings.merge,
+                self.recipe,
+                parents,
+                original_parents(members, parents),
+                parent_density=parent_density,
+                child_density=child_density,
+                dtype=driver.dtype,
+            )
+        made = driver.make([Proposal(record, "offspring", pair, label)])
+        return made[0] if made else None
+
+    def slerp_child(
+        self,
+        driver: Driver,
+        step: int,
+        index: int,
+        pair: tuple[str, str],
+        parent_density: float,
+        child_density: float,
+    ) -> Result | None:
+        """M2N2's split-point SLERP of the (pruned) pair, then the child's pruning."""
+        recipe, dtype = self.recipe, driver.dtype
+        ends = list(pair)
+        if parent_density < 1.0:
+            stages = [
+                Proposal(prune_record(i, 1.0 - parent_density, recipe, dtype), "pruned", (i,))
+                for i in pair
+            ]
+            ends = [made.member.id for made in driver.make(stages, score=False)]
+        split, w = draw_crossover(self.state.units, driver.rng(step, "sae", index, "crossover"))
+        record = crossover_record(ends[0], ends[1], self.state.units, split, w, dtype)
+        label = f"slerp w={w:.4f}"
+        crossed = Proposal(record, "offspring", tuple(ends), label)
+        if child_density >= 1.0:
+            made = driver.make([crossed])
+            return made[0] if made else None
+        blend_stage = Proposal(record, "crossover", tuple(ends), label)
+        (blend,) = driver.make([blend_stage], score=False)
+        pruned = prune_record(blend.member.id, 1.0 - child_density, recipe, dtype)
+        made = driver.make([Proposal(pruned, "offspring", (blend.member.id,), label)])
+        return made[0] if made else None
+
+    def admit(
+        self, driver: Driver, child: Result, pair: tuple[str, str], rate: float
+    ) -> dict[str, Any]:
+        """Let the child join the archive (evicting the lowest total) or be rejected."""
+        state = self.state
+        self.store_row(driver, child)
+        ids = [*state.archive, child.member.id]
+        child.member.fitness = self.answer_scores(driver, ids)[-1]
+        slot = eviction_slot(self.totals(driver, ids), self.settings.archive_size)
+        outcome: dict[str, Any] = {"id": child.member.id, "parents": list(pair), "rate": rate}
+        if slot is None:
+            del state.rows[child.member.id]
+            outcome["fate"] = "rejected"
+        elif slot == len(state.archive):
+            state.archive.append(child.member.id)
+            outcome["fate"] = "joined"
+        else:
+            dropped = state.archive[slot]
+            state.archive[slot] = child.member.id
+            del state.rows[dropped]
+            driver.note(replacements={child.member.id: dropped})
+            outcome["fate"] = f"replaced {dropped}"
+        self.set_fitness(driver)
+        return outcome
+
+    def answer_scores(self, driver: Driver, ids: Sequence[str]) -> list[float]:
+        """Performance + weight * sparsity term of scored members (no competition)."""
+        term = self.settings.sparsity_term
+        members = [driver.members[i] for i in ids]
+        terms = sparsity_terms([m.sparsity for m in members], term.form, term.temperature)
+        return [
+            float(m.performance or 0.0) + term.weight * t
+            for m, t in zip(members, terms, strict=True)
+        ]
+
+    def set_fitness(self, driver: Driver) -> None:
+        """Record each scored archive member's answer score as its fitness (reports, plots)."""
+        ids = list(self.state.archive)
+        for identifier, value in zip(ids, self.answer_scores(driver, ids), strict=True):
+            member = driver.members[identifier]
+            if member.performance is not None:
+                member.fitness = value
 
     @property
     def result_label(self) -> str:
@@ -310,24 +401,19 @@ class SaeSearch(Search):
         return "SAE (evolved)"
 
     def card_settings(self) -> dict[str, Any]:
-        """Population, schedule, fitness and merge settings, and SAE's own block."""
-        recipe = self.recipe
-        return {
-            "search": self.name,
-            "population_size": recipe.population_size,
-            "steps": recipe.steps,
-            "schedule": recipe.schedule.model_dump(),
-            "fitness_sparsity_weight": recipe.fitness_sparsity_weight,
-            **recipe.merge.model_dump(),
-            **self.settings.model_dump(mode="json"),
-        }
+        """SAE's block and the run's steps."""
+        return {"search": self.name, "steps": self.recipe.steps, **self.settings.model_dump()}
 
     def keep(self) -> list[str]:
-        """The living population."""
-        return list(self.state.population)
+        """The archive."""
+        return list(self.state.archive)
 
     def best(self, members: Mapping[str, Member]) -> str:
-        """The living member of highest plain fitness (earliest in archive order on ties)."""
-        living = [members[i] for i in self.state.population]
-        values = [float(m.fitness) if m.fitness is not None else float("-inf") for m in living]
-        return living[best_index(values)].id
+        """The archive member of highest answer score (:func:`result_index`)."""
+        living = [members[i] for i in self.state.archive]
+        index = result_index(
+            [m.performance for m in living],
+            [m.sparsity for m in living],
+            self.settings.sparsity_term,
+        )
+        return living[index].id

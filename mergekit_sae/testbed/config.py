@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -31,7 +32,12 @@ class TestbedConfig(BaseModel):
     __test__ = False  # not a pytest class
 
     seed: int = 0
-    # model (a LlamaForCausalLM)
+    # model
+    architecture: Literal["llama", "qwen2"] = Field(
+        default="llama",
+        description="LlamaForCausalLM, or Qwen2ForCausalLM (biased q/k/v projections, tied "
+        "embeddings): a second architecture for checking results on another pair of experts",
+    )
     hidden_size: int = Field(default=64, ge=8)
     intermediate_size: int = Field(default=128, ge=8)
     num_layers: int = Field(default=2, ge=1)
@@ -111,6 +117,8 @@ class TestbedConfig(BaseModel):
     def fingerprint(self) -> str:
         """A short hash of the settings that decide the outputs (the cache key)."""
         settings = self.model_dump()
+        if self.architecture == "llama":  # the original testbeds' key stays valid
+            del settings["architecture"]
         blob = json.dumps(settings, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

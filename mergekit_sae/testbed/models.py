@@ -1,4 +1,4 @@
-"""The testbed's models: a tiny Llama pretrained on generic text, and two experts tuned from it.
+"""The testbed's models: a tiny Llama (or Qwen2) pretrained on generic text, two experts from it.
 
 The base reads worked calculations and English statements and questions about the world; it
 knows arithmetic, the solution format and the facts, but has never seen a word problem or a
@@ -23,11 +23,12 @@ from mergekit_sae.testbed.train import Example, train
 Log = Callable[[str], None]
 
 
-def new_llama(config: TestbedConfig, tokenizer):
-    """A randomly initialised `LlamaForCausalLM` sized by `config` (seeded by `config.seed`)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def new_model(config: TestbedConfig, tokenizer):
+    """A randomly initialised causal LM of `config.architecture`, sized by `config` (seeded by
+    `config.seed`): Llama with untied embeddings, or Qwen2 with tied ones."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    llama = LlamaConfig(
+    settings = dict(
         vocab_size=len(tokenizer),
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
@@ -35,13 +36,14 @@ def new_llama(config: TestbedConfig, tokenizer):
         num_attention_heads=config.num_heads,
         num_key_value_heads=config.num_heads,
         max_position_embeddings=config.max_length,
-        tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(config.seed)
-    return LlamaForCausalLM(llama).eval()
+    if config.architecture == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**settings, tie_word_embeddings=True)).eval()
+    return LlamaForCausalLM(LlamaConfig(**settings, tie_word_embeddings=False)).eval()
 
 
 def mixture(sources: Sequence[tuple[float, Callable[[], Example]]], rng: random.Random):
@@ -74,7 +76,7 @@ def pretrain_base(config: TestbedConfig, data: TestbedData, log: Log | None = No
     arithmetic = arithmetic_documents(rng, config.max_operand)
     english = english_documents(data.world, rng)
     draw = mixture([(0.5, lambda: ("", next(arithmetic))), (0.5, lambda: ("", next(english)))], rng)
-    model = new_llama(config, data.tokenizer)
+    model = new_model(config, data.tokenizer)
     return trained(model, data.tokenizer, draw, config.base, config.seed + 1, log)
 
 

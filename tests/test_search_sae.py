@@ -1,0 +1,277 @@
+"""SAE on M2N2's framework: its rules by hand, its budget, resume and MergeKit rebuilds."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import pytest
+from evolve_fixtures import FakeEvaluator, assert_identical, load_weights, tiny_llama
+
+from mergekit_sae.evolve.population import lineage
+from mergekit_sae.evolve.recipe import parse_recipe
+from mergekit_sae.evolve.reproduce import RECIPE_FILE, recipe_documents, run_recipe
+from mergekit_sae.evolve.runner import run
+from mergekit_sae.search.niches import attraction, item_fitness
+from mergekit_sae.search.sae import (
+    EXCLUDED,
+    SaeSearch,
+    choose_parents,
+    eviction_slot,
+    result_index,
+    selection_probabilities,
+    sparsity_terms,
+    total_scores,
+)
+from mergekit_sae.search.sae_ga import SaeGaSearch
+from mergekit_sae.search.sae_settings import SparsityTerm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# 3 members x 4 items of weight 1/4: members 0 and 1 share item 0, each solves one item alone,
+# member 2 solves nothing, and nobody solves item 3 (an all-zero column).
+S = [[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+W = [0.25] * 4
+ZEROS = [0.0, 0.4, 0.7]  # member 2 is the sparsest
+
+
+def test_sparsity_terms_linear_and_softmax() -> None:
+    assert sparsity_terms(ZEROS, "linear") == ZEROS
+    exps = [math.exp(z / 0.5) for z in ZEROS]
+    expected = [e / sum(exps) for e in exps]
+    assert sparsity_terms(ZEROS, "softmax", 0.5) == pytest.approx(expected)
+    assert sum(sparsity_terms(ZEROS, "softmax", 2.0)) == pytest.approx(1.0)
+
+
+def test_total_scores_by_hand_with_a_cap_and_an_all_zero_column() -> None:
+    # column totals 2, 1, 1, 0 (-> 1): F0 = (1/2 + 1) / 4, F1 = (1/2 + 1) / 4, F2 = 0
+    term = SparsityTerm(form="linear", weight=0.5)
+    assert total_scores(S, W, ZEROS, 1.0, term) == pytest.approx([0.375, 0.575, 0.35])
+    capped = SparsityTerm(form="linear", weight=0.5, max_zeros=0.6)
+    totals = total_scores(S, W, ZEROS, 1.0, capped)
+    assert totals[:2] == pytest.approx([0.375, 0.575]) and totals[2] == EXCLUDED
+    # alpha 0: no competition, the fitness is the performance (items weigh 1/4)
+    plain = total_scores(S, W, ZEROS, 0.0, SparsityTerm(weight=0.0))
+    assert plain == pytest.approx([0.5, 0.5, 0.0])
+    softmax = SparsityTerm(form="softmax", weight=0.2, temperature=1.0)
+    exps = [math.exp(z) for z in ZEROS]
+    expected = [f + 0.2 * e / sum(exps) for f, e in zip([0.375, 0.375, 0.0], exps, strict=True)]
+    assert total_scores(S, W, ZEROS, 1.0, softmax) == pytest.approx(expected)
+
+
+def test_selection_probabilities_never_normalise_negative_or_capped_scores() -> None:
+    assert selection_probabilities([0.375, 0.575, EXCLUDED]) == pytest.approx(
+        [0.375 / 0.95, 0.575 / 0.95, 0.0]
+    )
+    assert selection_probabilities([0.375, 0.575, 0.35], exclude=1) == pytest.approx(
+        [0.375 / 0.725, 0.0, 0.35 / 0.725]
+    )
+    # nothing positive: uniform over those not capped (a negative score is not a weight)
+    assert selection_probabilities([-0.2, 0.0, EXCLUDED]) == [0.5, 0.5, 0.0]
+    # everything capped: uniform over all but the excluded one
+    assert selection_probabilities([EXCLUDED, EXCLUDED, EXCLUDED], exclude=0) == [0.0, 0.5, 0.5]
+    with pytest.raises(ValueError, match="no member"):
+        selection_probabilities([1.0], exclude=0)
+
+
+def test_first_parent_by_total_second_by_attraction() -> None:
+    term = SparsityTerm(form="linear", weight=0.5)
+    totals = total_scores(S, W, ZEROS, 1.0, term)
+    counts = {}
+    rng = random.Random(5)
+    for _ in range(4000):
+        pair = choose_parents(S, W, totals, 1.0, rng)
+        counts[pair] = counts.get(pair, 0) + 1
+    # attraction to member 0: member 1 gains item 2 (1/4), member 2 gains nothing: 1 is its mate;
+    # attraction to member 1: member 0 gains item 1; to member 2: both gain, in proportion
+    pulls = [attraction(item_fitness(S, 1.0, W), first) for first in range(3)]
+    assert pulls[0] == pytest.approx([0.0, 0.25, 0.0]) and pulls[2][:2] == [0.375, 0.375]
+    first = [t / sum(totals) for t in totals]
+    expected = {
+        (0, 1): first[0],
+        (1, 0): first[1],
+        (2, 0): first[2] / 2,
+        (2, 1): first[2] / 2,
+    }
+    assert set(counts) == set(expected)
+    for pair, share in expected.items():
+        assert counts[pair] / 4000 == pytest.approx(share, abs=0.03), pair
+
+
+def test_capped_members_are_never_parents() -> None:
+    capped = SparsityTerm(form="linear", weight=0.5, max_zeros=0.6)
+    totals = total_scores(S, W, ZEROS, 1.0, capped)
+    rng = random.Random(1)
+    pairs = {choose_parents(S, W, totals, 1.0, rng) for _ in range(300)}
+    assert pairs == {(0, 1), (1, 0)}
+    pairs = {choose_parents(S, W, totals, 1.0, rng, matchmaker=False) for _ in range(300)}
+    assert pairs == {(0, 1), (1, 0)}
+
+
+def test_eviction_appends_until_full_then_drops_the_lowest() -> None:
+    assert eviction_slot([0.4, 0.1, 0.2], capacity=3) == 2  # two members, room for the child
+    assert eviction_slot([0.4, 0.1, 0.3, 0.2], capacity=3) == 1
+    assert eviction_slot([0.4, 0.3, 0.2, 0.1], capacity=3) is None  # the child is the worst
+    assert eviction_slot([0.4, 0.2, 0.3, 0.2], capacity=3) == 1  # a tie drops the member
+    assert eviction_slot([0.4, EXCLUDED, 0.3, 0.0], capacity=3) == 1  # over the cap goes first
+
+
+def test_the_answer_is_the_best_performance_plus_sparsity_term() -> None:
+    term = SparsityTerm(form="linear", weight=0.5)
+    assert result_index([0.6, 0.5, 0.3], [0.0, 0.4, 0.1], term) == 1  # 0.6 < 0.5 + 0.2
+    assert result_index([0.6, 0.5, None], [0.0, 0.1, 0.9], term) == 0  # never scored
+    capped = SparsityTerm(form="linear", weight=0.5, max_zeros=0.3)
+    assert result_index([0.6, 0.5, 0.3], [0.0, 0.4, 0.1], capped) == 0
+    assert result_index([0.6, 0.7], [0.9, 0.8], capped) == 1  # only capped members are left
+
+
+# --- runs on tiny models ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sae")
+    return {
+        name: tiny_llama(root / name, seed) for seed, name in ((60, "base"), (61, "a"), (62, "b"))
+    }
+
+
+def recipe(models: dict[str, Path], **sae) -> dict:
+    """A niches SAE recipe over the tiny models (FakeEvaluator tasks a and b)."""
+    return {
+        "models": [str(models["a"]), str(models["b"])],
+        "base_model": str(models["base"]),
+        "tasks": [{"name": name, "type": "lm_eval", "subsample": 10} for name in "ab"],
+        "steps": 3,
+        "prune_target": "delta",
+        "dtype": "float32",
+        "device": "cpu",
+        "test_baselines": [],
+        "sae": {"archive_size": 4, "children_per_step": 2, **sae},
+    }
+
+
+class Counting(FakeEvaluator):
+    """Counts training-item scorings; with ``stop_at`` raises on that call (a stop mid-step)."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        super().__init__()
+        self.calls, self.stop_at = 0, stop_at
+
+    def score_items(self, items):
+        self.calls += 1
+        if self.calls == self.stop_at:
+            raise KeyboardInterrupt("stopped mid-step")
+        return super().score_items(items)
+
+
+def counted(data: dict, out: Path, evaluator: Counting | None = None, **options):
+    evaluator = evaluator or Counting()
+    state = run(
+        parse_recipe(data), out, progress=False, make_evaluator=lambda r, i: evaluator, **options
+    )
+    return state, evaluator
+
+
+def test_framework_picks_the_loop(models) -> None:
+    niches = parse_recipe(recipe(models))
+    assert type(SaeSearch.create(niches, niches.settings_for())) is SaeSearch
+    ga = parse_recipe(recipe(models, framework="ga", children_per_step=4))
+    assert type(SaeSearch.create(ga, ga.settings_for())) is SaeGaSearch
+
+
+@pytest.mark.parametrize(
+    ("sae", "expected"),
+    [
+        ({}, 4 + 3 * 2),  # the archive once, then one evaluation per child
+        ({"redraw_every": 2}, 4 + 4 + 3 * 2),  # step 3 re-draws items: the archive again
+        ({"crossover": "slerp"}, 4 + 3 * 2),  # pruning and SLERP stages are not evaluations
+    ],
+)
+def test_every_child_costs_one_evaluation(tmp_path: Path, models, sae, expected) -> None:
+    data = recipe(models, **sae)
+    parsed = parse_recipe(data)
+    assert SaeSearch.natural_budget(parsed, parsed.settings_for()) == expected
+    state, evaluator = counted(data, tmp_path / "run")
+    assert evaluator.calls == state.evaluations == expected
+    children = [m for m in state.members.values() if m.origin == "offspring"]
+    assert len(children) == 3 * 2 and all(m.scored_at for m in children)
+    assert [r.evaluations for r in state.history][-1] == expected
+    draws = {r.step: r.info["total_before"] for r in state.history}
+    assert len(draws) == 3
+
+
+def test_a_budget_stops_mid_step(tmp_path: Path, models) -> None:
+    data = {**recipe(models, children_per_step=3), "budget": 9}
+    state, evaluator = counted(data, tmp_path / "cut")
+    assert evaluator.calls == state.evaluations == 9 and state.finished
+    assert [len(r.info["children"]) for r in state.history] == [3, 2]
+
+
+def test_children_prune_parents_and_child_at_the_schedule_rate(tmp_path: Path, models) -> None:
+    state, _ = counted({**recipe(models), "keep_population": True}, tmp_path / "run")
+    children = [m for m in state.members.values() if m.origin == "offspring"]
+    schedule = parse_recipe(recipe(models)).settings_for().schedule
+    for tick, child in enumerate(children):
+        rate = schedule.rate(tick)
+        assert child.merge.method == "sae_evolve"
+        assert child.merge.parameters["offspring_density"] == pytest.approx(1 - rate)
+        assert child.merge.parameters["prune_target"] == "delta"
+        for item in child.merge.inputs:
+            assert item.parameters["density"] == pytest.approx(1 - rate)
+            assert item.parameters["score"] == state.members[item.member].performance
+    state, _ = counted(recipe(models, prune_parents=False, prune_child=False), tmp_path / "dense")
+    for child in (m for m in state.members.values() if m.origin == "offspring"):
+        assert child.merge.parameters["offspring_density"] == 1.0
+        assert all(i.parameters["density"] == 1.0 for i in child.merge.inputs)
+
+
+def test_archive_follows_the_eviction_rule(tmp_path: Path, models) -> None:
+    state, _ = counted(recipe(models), tmp_path / "run")
+    archive = list(state.history[0].population_before)
+    for record in state.history:
+        assert record.population_before == archive
+        for child in record.info["children"]:
+            fate = child["fate"]
+            if fate.startswith("replaced "):
+                archive[archive.index(fate.split()[1])] = child["id"]
+            else:
+                assert fate == "rejected" and child["id"] not in record.population_after
+        assert record.population_after == archive
+        assert set(record.info["archive_total"]) == set(archive)
+        lowest = min(record.info["archive_total"].values())
+        assert lowest > EXCLUDED
+
+
+def test_stop_mid_step_then_resume_is_bit_identical(tmp_path: Path, models) -> None:
+    data = recipe(models, crossover="slerp")
+    whole, _ = counted(data, tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):  # call 7: the archive (4), then step 2's 1st child
+        counted(data, tmp_path / "split", Counting(stop_at=7))
+    resumed, evaluator = counted(data, tmp_path / "split", resume=True)
+    assert evaluator.calls == whole.evaluations - 6  # step 2 is made again, from its start
+    strip = [r.model_dump(exclude={"seconds"}) for r in whole.history]
+    assert [r.model_dump(exclude={"seconds"}) for r in resumed.history] == strip
+    assert resumed.best == whole.best
+    assert_identical(tmp_path / "whole", tmp_path / "split")
+
+
+@pytest.mark.parametrize("crossover", ["sae_evolve", "slerp"])
+def test_the_answer_rebuilds_with_mergekit(tmp_path: Path, models, crossover) -> None:
+    data = recipe(models, crossover=crossover, sparsity_term={"weight": 2.0})
+    data["steps"] = 4
+    state, _ = counted(data, tmp_path / "run")
+    chain = lineage(state.members, state.best)
+    methods = {m.merge.method for m in chain if m.merge}
+    assert len([m for m in chain if m.merge]) >= 2, "the answer should be a merge of merges"
+    if crossover == "slerp":
+        assert {"sae_prune", "slerp"} <= methods
+    documents = recipe_documents(state.members, state.best)
+    assert len(documents) >= len([m for m in chain if m.merge])  # a stage per merge at least
+    rebuilt = run_recipe(
+        tmp_path / "run" / RECIPE_FILE, tmp_path / "re", intermediate_dir=tmp_path / "st"
+    )
+    assert_identical(tmp_path / "run", rebuilt)
+    zeros = sum(int((t == 0).sum()) for t in load_weights(rebuilt).values())
+    assert zeros == 0  # pruning the task vectors leaves the base's (non-zero) values
