@@ -168,7 +168,7 @@ def run_in_process(recipe: dict, out: Path) -> None:
 
 def offspring_record():
     """The sae_evolve stage a search step makes (global scope, offspring pruned to 0.5)."""
-    from mergekit_sae.evolve.population import MergeInput, MergeRecord
+    from mergekit_sae.records import MergeInput, MergeRecord
 
     return MergeRecord(
         method="sae_evolve",
@@ -193,7 +193,7 @@ def resident_sink(path: Path) -> Callable[[str, torch.Tensor], None]:
     """The receive() of a ResidentEvaluator over the model at path (no tasks)."""
     from transformers import AutoModelForCausalLM
 
-    from mergekit_sae.evolve.scoring import ResidentEvaluator
+    from mergekit_sae.evaluate.evaluator import ResidentEvaluator
 
     class _Resident:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
@@ -226,7 +226,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     import mergekit_sae.methods  # noqa: F401  (registers sae_evolve in this process)
-    from mergekit_sae.evolve.merging import stream_merge
+    from mergekit_sae.merging.stream import stream_merge
 
     paths = build_models(args.hidden, args.layers, args.intermediate, args.vocab)
     size = {k: model_bytes(p) for k, p in paths.items()}

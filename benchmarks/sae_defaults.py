@@ -23,10 +23,10 @@ import yaml
 
 from mergekit_sae.atomic import write_text
 from mergekit_sae.compare.plan import set_field
+from mergekit_sae.driver.loop import build_search, derive_seed
 from mergekit_sae.evaluate import subsample
-from mergekit_sae.evolve.loop import build_search, derive_seed
-from mergekit_sae.evolve.recipe import parse_recipe
-from mergekit_sae.evolve.runner import load_tasks, resident_evaluator, resolve_inputs, run
+from mergekit_sae.recipe.schema import parse_recipe
+from mergekit_sae.run import load_tasks, resident_evaluator, resolve_inputs, run
 
 VALIDATION_SEED = 20261207
 

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from mergekit_sae.cli import main
-from mergekit_sae.evolve import publish as publish_mod
+from mergekit_sae.outputs import publish as publish_mod
 
 FILES = {
     "config.json": b"{}",

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from evolve_fixtures import VOCAB, recipe_data, task_files, tiny_llama
 
 from mergekit_sae.cli import main
-from mergekit_sae.evolve.recipe import Recipe, RecipeError, parse_recipe
+from mergekit_sae.recipe.schema import Recipe, RecipeError, parse_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,9 +18,9 @@ from evolve_fixtures import assert_identical, recipe_data, task_files, tiny_llam
 from yaml import safe_dump
 
 from mergekit_sae import atomic, cli
-from mergekit_sae.evolve.checkpoint import load_state
-from mergekit_sae.evolve.recipe import parse_recipe
-from mergekit_sae.evolve.runner import run
+from mergekit_sae.driver.checkpoint import load_state
+from mergekit_sae.recipe.schema import parse_recipe
+from mergekit_sae.run import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -33,9 +33,9 @@ from safetensors import safe_open
 
 from mergekit_sae import faults
 from mergekit_sae.atomic import is_leftover
-from mergekit_sae.evolve.checkpoint import load_state
-from mergekit_sae.evolve.recipe import parse_recipe
-from mergekit_sae.evolve.runner import run
+from mergekit_sae.driver.checkpoint import load_state
+from mergekit_sae.recipe.schema import parse_recipe
+from mergekit_sae.run import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,7 +54,7 @@ ENV = {
 # CLI with them, and answers with the child's exit code (negative: killed by that signal).
 FORK_SERVER = r"""
 import json, os, sys
-import mergekit_sae.cli, mergekit_sae.evolve.runner, mergekit_sae.evaluate.resident
+import mergekit_sae.cli, mergekit_sae.run, mergekit_sae.evaluate.resident
 from mergekit_sae import faults
 for line in sys.stdin:
     request = json.loads(line)

@@ -9,9 +9,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from mergekit_sae.evolve import publish as publish_mod
-from mergekit_sae.evolve.card import render_card
-from mergekit_sae.evolve.reproduce import render_recipe
+from mergekit_sae.merging.recipes import render_recipe
+from mergekit_sae.outputs import publish as publish_mod
+from mergekit_sae.outputs.card import render_card
 
 
 @pytest.fixture

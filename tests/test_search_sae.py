@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from evolve_fixtures import FakeEvaluator, assert_identical, load_weights, tiny_llama
 
-from mergekit_sae.evolve.population import lineage
-from mergekit_sae.evolve.recipe import parse_recipe
-from mergekit_sae.evolve.reproduce import RECIPE_FILE, recipe_documents, run_recipe
-from mergekit_sae.evolve.runner import run
+from mergekit_sae.merging.recipes import RECIPE_FILE, recipe_documents, run_recipe
+from mergekit_sae.recipe.schema import parse_recipe
+from mergekit_sae.records import lineage
+from mergekit_sae.run import run
 from mergekit_sae.search.niches import attraction, item_fitness
 from mergekit_sae.search.sae import (
     EXCLUDED,

@@ -41,8 +41,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from mergekit_sae.evolve.merging import open_model, tensor_names
-from mergekit_sae.evolve.population import Member
+from mergekit_sae.merging.stream import open_model, tensor_names
+from mergekit_sae.records import Member
 from mergekit_sae.search.base import Driver, Proposal, Search, SearchSettings
 from mergekit_sae.search.niches import (
     archive_slot,

@@ -18,8 +18,8 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 
-from mergekit_sae.evolve.per_tensor import conditional, layer_of
-from mergekit_sae.evolve.population import MergeInput, MergeRecord
+from mergekit_sae.merging.per_tensor import conditional, layer_of
+from mergekit_sae.records import MergeInput, MergeRecord
 
 # Substrings of non-layer tensor names that sit on the input side of the decoder stack.
 INPUT_SIDE = ("embed", "wte", "wpe")

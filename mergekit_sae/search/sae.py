@@ -42,8 +42,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mergekit_sae.evolve.merging import open_model, tensor_names
-from mergekit_sae.evolve.population import Member
+from mergekit_sae.merging.stream import open_model, tensor_names
+from mergekit_sae.records import Member
 from mergekit_sae.search.base import Driver, Proposal, Result, Search, SearchSettings
 from mergekit_sae.search.niches import (
     attraction,

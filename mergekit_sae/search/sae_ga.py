@@ -24,7 +24,7 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mergekit_sae.evolve.population import Member
+from mergekit_sae.records import Member
 from mergekit_sae.search.base import Driver, Proposal, Result, Search, SearchSettings
 from mergekit_sae.search.niches import best_index, flat_items, shared_fitness, worst_index
 from mergekit_sae.search.sae_operators import (

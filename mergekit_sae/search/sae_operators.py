@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mergekit_sae.evolve.population import Member, MergeInput, MergeRecord, lineage
+from mergekit_sae.records import Member, MergeInput, MergeRecord, lineage
 from mergekit_sae.search.base import Driver, Proposal
 from mergekit_sae.search.sae_settings import SaeMergeSettings, SaeSettings
 

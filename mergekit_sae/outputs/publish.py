@@ -97,7 +97,7 @@ def format_listing(files: Sequence[UploadFile]) -> str:
 
 def is_local_reference(reference: str) -> bool:
     """Whether a recipe's model reference is a local path rather than a Hub id."""
-    from mergekit_sae.evolve.recipe import looks_like_path
+    from mergekit_sae.recipe.schema import looks_like_path
 
     return looks_like_path(reference) or Path(reference).expanduser().is_dir()
 
@@ -150,7 +150,7 @@ def parent_ids(references: Sequence[str], explicit: Mapping[str, str]) -> dict[s
 
 def rewrite_recipe(recipe_text: str, mapping: Mapping[str, str]) -> str:
     """The lineage file with mapped model references (its header comment kept)."""
-    from mergekit_sae.evolve.reproduce import render_recipe
+    from mergekit_sae.merging.recipes import render_recipe
 
     documents = [doc for doc in yaml.safe_load_all(recipe_text) if isinstance(doc, dict)]
     for doc in documents:

@@ -18,14 +18,14 @@ from mergekit_sae.errors import MergekitSaeError, is_out_of_space
 
 # name -> ("module:attribute", one-line help shown by `mergekit-sae --help`)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "merge": ("mergekit_sae.merge_cli:merge", "Run a MergeKit YAML recipe (sae_evolve included)."),
-    "testbed": ("mergekit_sae.testbed.cli:testbed", "Build and inspect the embedded tiny testbed."),
-    "evolve": ("mergekit_sae.evolve.cli:evolve", "Run the sparsity-aware evolutionary search."),
-    "publish": ("mergekit_sae.evolve.publish:publish", "Upload an evolved model to the Hub."),
-    "export": ("mergekit_sae.evolve.export:export_command", "Rebuild any candidate of a run."),
-    "scf-rkl": ("mergekit_sae.scf_rkl_cli:scf_rkl", "SCF-RKL: functional importance, threshold."),
-    "compare": ("mergekit_sae.compare.cli:compare", "Compare searches and one-shot merges."),
-    "landscape": ("mergekit_sae.landscape.cli:landscape", "Loss and convexity maps of models."),
+    "merge": ("mergekit_sae.cli.merge:merge", "Run a MergeKit YAML recipe (sae_evolve included)."),
+    "testbed": ("mergekit_sae.cli.testbed:testbed", "Build and inspect the embedded tiny testbed."),
+    "evolve": ("mergekit_sae.cli.evolve:evolve", "Run the sparsity-aware evolutionary search."),
+    "publish": ("mergekit_sae.outputs.publish:publish", "Upload an evolved model to the Hub."),
+    "export": ("mergekit_sae.outputs.export:export_command", "Rebuild any candidate of a run."),
+    "scf-rkl": ("mergekit_sae.cli.scf_rkl:scf_rkl", "SCF-RKL: functional importance, threshold."),
+    "compare": ("mergekit_sae.cli.compare:compare", "Compare searches and one-shot merges."),
+    "landscape": ("mergekit_sae.cli.landscape:landscape", "Loss and convexity maps of models."),
 }
 
 
@@ -117,6 +117,3 @@ def main(debug: bool) -> None:
     Recipes with `merge_method: sae_evolve` also run with plain `mergekit-yaml`.
     """
 
-
-if __name__ == "__main__":
-    main()

@@ -12,7 +12,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from mergekit_sae.atomic import write_file
-from mergekit_sae.evolve.population import StepRecord
+from mergekit_sae.records import StepRecord
 
 HISTORY_FILE = "history.jsonl"
 PLOTS_DIR = "plots"

@@ -51,7 +51,7 @@ def _floating_tensors(
     model: ModelReference, base: ModelReference | None, dtype: torch.dtype | None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Stream (tensor, base tensor or None) pairs of a model's floating-point weights."""
-    from mergekit_sae.evolve.merging import read_tensor
+    from mergekit_sae.merging.stream import read_tensor
 
     loader = LoaderCache().get(model)
     base_loader = LoaderCache().get(base) if base is not None else None
@@ -131,9 +131,9 @@ def merge(merge_options: MergeOptions, recipe: Path, out: Path) -> None:
     """
     import mergekit.merge
 
-    from mergekit_sae.evolve.reproduce import load_stages, run_recipe, validate_stage
+    from mergekit_sae.merging.recipes import load_stages, run_recipe, validate_stage
+    from mergekit_sae.merging.run_guard import run_merge_atomic
     from mergekit_sae.methods import register_all
-    from mergekit_sae.methods.run_guard import run_merge_atomic
 
     register_all()
     merge_options.apply_global_options()

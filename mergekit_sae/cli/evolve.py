@@ -66,9 +66,9 @@ def evolve(
     quiet: bool,
 ) -> None:
     """Evolve a merge of the recipe's models into OUT (model, recipe, history, plots, card)."""
-    from mergekit_sae.evolve.recipe import load_recipe
-    from mergekit_sae.evolve.runner import run
-    from mergekit_sae.evolve.summary import summary
+    from mergekit_sae.outputs.summary import summary
+    from mergekit_sae.recipe.schema import load_recipe
+    from mergekit_sae.run import run
 
     if resume and force:
         raise click.UsageError("--resume and --force exclude each other")
@@ -80,7 +80,7 @@ def evolve(
     if profile:
         parsed = parsed.model_copy(update={"profile": True})
     if tensorboard is not None or wandb_project is not None:
-        from mergekit_sae.evolve.tracking import with_tracking
+        from mergekit_sae.outputs.tracking import with_tracking
 
         parsed = with_tracking(parsed, tensorboard, wandb_project)
     state = run(

@@ -12,8 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergekit_sae.errors import OutputFolderError
-from mergekit_sae.evolve.checkpoint import (
+from mergekit_sae.driver.checkpoint import (
     RunState,
     load_state,
     remove_temporaries,
@@ -21,14 +20,15 @@ from mergekit_sae.evolve.checkpoint import (
     verified_state,
     work_dir,
 )
-from mergekit_sae.evolve.finish import finish
-from mergekit_sae.evolve.lock import claim_for_fresh_run, content, lock_folder
-from mergekit_sae.evolve.loop import RunContext, evolve, is_complete
-from mergekit_sae.evolve.merging import MergeInputError, check_compatible, model_dtype
-from mergekit_sae.evolve.recipe import Recipe, RecipeError, resolve_model
-from mergekit_sae.evolve.scoring import Evaluator
-from mergekit_sae.evolve.tracking import open_tracker
-from mergekit_sae.weight_files import check_model_files
+from mergekit_sae.driver.lock import claim_for_fresh_run, content, lock_folder
+from mergekit_sae.driver.loop import RunContext, evolve, is_complete
+from mergekit_sae.errors import OutputFolderError
+from mergekit_sae.evaluate.evaluator import Evaluator
+from mergekit_sae.merging.stream import MergeInputError, check_compatible, model_dtype
+from mergekit_sae.merging.weight_files import check_model_files
+from mergekit_sae.outputs.finish import finish
+from mergekit_sae.outputs.tracking import open_tracker
+from mergekit_sae.recipe.schema import Recipe, RecipeError, resolve_model
 
 # Recipe fields a resumed run may change: they do not alter the steps already taken.
 RESUMABLE_CHANGES = (
@@ -143,7 +143,7 @@ def load_tasks(recipe: Recipe, source: str) -> list:
 def resident_evaluator(recipe: Recipe, inputs: ResolvedInputs, tasks: list) -> Evaluator:
     """The evaluator that scores with one resident copy of the first parent's architecture."""
     from mergekit_sae.evaluate import ResidentModel
-    from mergekit_sae.evolve.scoring import ResidentEvaluator
+    from mergekit_sae.evaluate.evaluator import ResidentEvaluator
 
     resident = ResidentModel(
         inputs.models[0],

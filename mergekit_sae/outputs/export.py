@@ -23,13 +23,13 @@ from pathlib import Path
 import click
 
 from mergekit_sae.errors import MergeInputError, OutputFolderError, UsageError
-from mergekit_sae.evolve.merging import (
+from mergekit_sae.merging.stream import (
     DEFAULT_SHARD_SIZE,
     stage_inputs,
     stats_reference,
     stream_merge,
 )
-from mergekit_sae.evolve.population import Member, lineage, member_dir
+from mergekit_sae.records import Member, lineage, member_dir
 from mergekit_sae.sparsity import sparsity_from_stats
 
 
@@ -148,11 +148,11 @@ def candidate_settings(member: Member, search: str) -> dict[str, object]:
 def export(run: Path, candidate: str, target: Path, *, device: str | None = None) -> Path:
     """Write candidate ``candidate`` of the run in ``run`` as a complete model folder."""
     from mergekit_sae.atomic import atomic_dir
+    from mergekit_sae.driver.checkpoint import load_state, state_path
     from mergekit_sae.evaluate import resolve_device
-    from mergekit_sae.evolve.card import write_card
-    from mergekit_sae.evolve.checkpoint import load_state, state_path
-    from mergekit_sae.evolve.finish import write_model
-    from mergekit_sae.evolve.reproduce import write_recipe
+    from mergekit_sae.merging.recipes import write_recipe
+    from mergekit_sae.outputs.card import write_card
+    from mergekit_sae.outputs.finish import write_model
     from mergekit_sae.search import search_class
 
     state = load_state(run) if run.is_dir() else None

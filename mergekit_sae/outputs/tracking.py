@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mergekit_sae.atomic import write_text
+from mergekit_sae.driver.checkpoint import RunState, work_dir
 from mergekit_sae.errors import RecipeError
-from mergekit_sae.evolve.checkpoint import RunState, work_dir
-from mergekit_sae.evolve.population import Member, StepRecord, TestResult
-from mergekit_sae.evolve.recipe import Recipe, TrackingSettings, WandbSettings
+from mergekit_sae.recipe.schema import Recipe, TrackingSettings, WandbSettings
+from mergekit_sae.records import Member, StepRecord, TestResult
 
 MARKER_FILE = "tracking.json"
 INSTALL_HINT = 'pip install "mergekit-sae[tracking]"'

@@ -26,7 +26,7 @@ def scf_rkl() -> None:
 
 def _roles(recipe: Path):
     """Read the recipe's anchor and donors, as a click error when the recipe does not fit."""
-    from mergekit_sae.methods.scf_rkl_importance import ScfRklRecipeError, read_roles
+    from mergekit_sae.calibration.scf_rkl import ScfRklRecipeError, read_roles
 
     try:
         return read_roles(recipe)
@@ -91,15 +91,15 @@ def importance(
     """Compute functional importance -g * delta of each donor into OUT_DIR."""
     from tqdm import tqdm
 
-    from mergekit_sae.evaluate.data import TaskDataError
-    from mergekit_sae.evaluate.device import resolve_device, resolve_dtype
-    from mergekit_sae.methods.scf_rkl_importance import (
+    from mergekit_sae.calibration.scf_rkl import (
         RECIPE_COPY,
         SIDECAR,
         compute_importance,
         load_prompts,
         recipe_with,
     )
+    from mergekit_sae.evaluate.data import TaskDataError
+    from mergekit_sae.evaluate.device import resolve_device, resolve_dtype
 
     if items < 1 or batch_size < 1 or max_length < 2:
         raise click.UsageError("--items and --batch-size must be >= 1, --max-length >= 2")
@@ -144,7 +144,7 @@ def importance(
 @click.argument("out_recipe", type=click.Path(dir_okay=False, path_type=Path))
 def threshold(recipe: Path, out_recipe: Path) -> None:
     """Compute the model-wide importance cut-off and write OUT_RECIPE with selection: global."""
-    from mergekit_sae.methods.scf_rkl_importance import (
+    from mergekit_sae.calibration.scf_rkl import (
         ScfRklRecipeError,
         global_threshold,
         importance_settings,

@@ -53,9 +53,9 @@ class ScoringWorker:
 
         import mergekit_sae.methods  # noqa: F401  (every process that merges registers them)
         from mergekit_sae.evaluate import ResidentModel, resolve_device
-        from mergekit_sae.evolve.recipe import parse_recipe
-        from mergekit_sae.evolve.runner import load_tasks
-        from mergekit_sae.evolve.scoring import ResidentEvaluator
+        from mergekit_sae.evaluate.evaluator import ResidentEvaluator
+        from mergekit_sae.recipe.schema import parse_recipe
+        from mergekit_sae.run import load_tasks
 
         if threads is not None:
             torch.set_num_threads(threads)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mergekit_sae.evolve.checkpoint import RunState
-from mergekit_sae.evolve.population import TestResult
+from mergekit_sae.driver.checkpoint import RunState
+from mergekit_sae.records import TestResult
 
 
 def results_table(results: Sequence[TestResult], tasks: Sequence[str]) -> str:

@@ -184,7 +184,7 @@ def kl_gradients(
 def parameter_groups(names: Sequence[str], granularity: Granularity) -> list[tuple[str, list[str]]]:
     """(label, parameter names) of each gradient pass: one group of everything (`model`), or
     one per decoder layer in layer order then one of the non-layer tensors (`layer`)."""
-    from mergekit_sae.evolve.per_tensor import layer_of
+    from mergekit_sae.merging.per_tensor import layer_of
 
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {list(GRANULARITIES)}, got {granularity!r}")
@@ -275,7 +275,7 @@ def _tensor_reader(path: str | Path) -> Callable[[str], Tensor]:
     """A function reading one named tensor of a checkpoint (lazily, with MergeKit's loader)."""
     from mergekit.io import LazyTensorLoader, ShardedTensorIndex
 
-    from mergekit_sae.evolve.merging import read_tensor
+    from mergekit_sae.merging.stream import read_tensor
 
     loader = LazyTensorLoader(ShardedTensorIndex.from_disk(str(path)))
 

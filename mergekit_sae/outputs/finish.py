@@ -19,22 +19,22 @@ from tqdm.auto import tqdm
 
 from mergekit_sae import faults
 from mergekit_sae.atomic import replace_files
-from mergekit_sae.evolve import pareto
-from mergekit_sae.evolve.card import write_card
-from mergekit_sae.evolve.checkpoint import RunState, save_state, work_dir
-from mergekit_sae.evolve.export import run_rebuilder
-from mergekit_sae.evolve.loop import RunContext, task_weights, test_items
-from mergekit_sae.evolve.merging import CONFIG_FILES, stats_reference, stream_merge
-from mergekit_sae.evolve.plots import write_plots
-from mergekit_sae.evolve.population import (
+from mergekit_sae.driver.checkpoint import RunState, save_state, work_dir
+from mergekit_sae.driver.loop import RunContext, task_weights, test_items
+from mergekit_sae.merging.recipes import write_recipe
+from mergekit_sae.merging.stream import CONFIG_FILES, stats_reference, stream_merge
+from mergekit_sae.outputs import pareto
+from mergekit_sae.outputs.card import write_card
+from mergekit_sae.outputs.export import run_rebuilder
+from mergekit_sae.outputs.plots import write_plots
+from mergekit_sae.outputs.tracking import plot_images
+from mergekit_sae.records import (
     Member,
     MergeRecord,
     TestResult,
     member_dir,
     performance,
 )
-from mergekit_sae.evolve.reproduce import write_recipe
-from mergekit_sae.evolve.tracking import plot_images
 from mergekit_sae.search.oneshot import STATIC_MERGES, static_record
 from mergekit_sae.sparsity import sparsity_from_stats
 

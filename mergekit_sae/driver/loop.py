@@ -28,10 +28,12 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from mergekit_sae import faults
+from mergekit_sae.driver.checkpoint import RunState, population_dir, save_state
+from mergekit_sae.driver.executor import executor_for
+from mergekit_sae.driver.profiling import peak_rss_mib, reset_peak_rss, rss_mib
 from mergekit_sae.evaluate import subsample
-from mergekit_sae.evolve.checkpoint import RunState, population_dir, save_state
-from mergekit_sae.evolve.executor import executor_for
-from mergekit_sae.evolve.merging import (
+from mergekit_sae.evaluate.evaluator import Evaluator
+from mergekit_sae.merging.stream import (
     DEFAULT_SHARD_SIZE,
     MergeOutcome,
     model_stats,
@@ -39,7 +41,8 @@ from mergekit_sae.evolve.merging import (
     stats_reference,
     stream_merge,
 )
-from mergekit_sae.evolve.population import (
+from mergekit_sae.recipe.schema import Recipe
+from mergekit_sae.records import (
     Member,
     OffspringRecord,
     StepRecord,
@@ -47,9 +50,6 @@ from mergekit_sae.evolve.population import (
     member_id,
     performance,
 )
-from mergekit_sae.evolve.profiling import peak_rss_mib, reset_peak_rss, rss_mib
-from mergekit_sae.evolve.recipe import Recipe
-from mergekit_sae.evolve.scoring import Evaluator
 from mergekit_sae.search import search_class
 from mergekit_sae.search.base import Proposal, Result, Search
 from mergekit_sae.sparsity import SparsityStats, sparsity_from_stats

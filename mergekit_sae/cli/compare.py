@@ -95,7 +95,7 @@ def compare(
     if resume and force:
         raise UsageError("--resume and --force exclude each other")
     if quiet:
-        from mergekit_sae.evolve.cli import silence_progress_bars
+        from mergekit_sae.cli.evolve import silence_progress_bars
 
         silence_progress_bars()
     comparison = Comparison(

@@ -3,7 +3,7 @@
 Inputs are read with ``mergekit.io.LazyTensorLoader`` (one tensor resident per input), merged
 with ``mergekit.merge_methods.merge_tensors`` and the method named by a :class:`MergeRecord`,
 handed to an optional sink (the resident scoring model) and written straight to safetensors
-shards (``mergekit_sae.shard_writer``) in a temporary folder swapped into place only when
+shards (``mergekit_sae.merging.shard_writer``) in a temporary folder swapped into place only when
 complete (``mergekit_sae.atomic``). Memory stays at a few tensors whatever the model size;
 the written tensors are exactly what the same MergeKit stage produces.
 """
@@ -26,11 +26,11 @@ from mergekit_sae import faults
 from mergekit_sae.atomic import atomic_dir, fsync_dir, publish_dir
 from mergekit_sae.dtypes import DTYPES, dtype_name, known_dtype_name, torch_dtype
 from mergekit_sae.errors import MergeInputError
-from mergekit_sae.evolve.per_tensor import resolve_parameters
-from mergekit_sae.evolve.population import MergeRecord
-from mergekit_sae.shard_writer import StreamingShardWriter
+from mergekit_sae.merging.per_tensor import resolve_parameters
+from mergekit_sae.merging.shard_writer import StreamingShardWriter
+from mergekit_sae.merging.weight_files import check_model_files
+from mergekit_sae.records import MergeRecord
 from mergekit_sae.sparsity import EMPTY_STATS, SparsityStats, sparsity_stats
-from mergekit_sae.weight_files import check_model_files
 
 TensorSink = Callable[[str, torch.Tensor], None]
 
@@ -64,7 +64,8 @@ def register_methods() -> None:
 def open_model(path: Path) -> LazyTensorLoader:
     """A lazy loader over a model directory's safetensors (or .bin) shards.
 
-    The weight files are verified first (:func:`~mergekit_sae.weight_files.check_model_files`:
+    The weight files are verified first
+    (:func:`~mergekit_sae.merging.weight_files.check_model_files`:
     headers against file sizes), so a truncated or corrupt file fails as one MergeInputError
     naming it. Pickle weights pass here: whether they are allowed is decided when the run's
     inputs are resolved.
