@@ -63,12 +63,12 @@ def step_times(out: Path) -> dict[str, Any]:
 
 def offspring_stage(recipe_path: str) -> tuple[Any, list[Path], Path | None, dict[str, Any]]:
     """An sae_evolve record of the experts as the driver makes it, its base, its MergeKit config."""
-    from mergekit_sae.driver.loop import offspring_record
     from mergekit_sae.merging.recipes import stage_config
     from mergekit_sae.merging.stream import model_stats
-    from mergekit_sae.recipe.schema import load_recipe
+    from mergekit_sae.recipe.loading import load_recipe
     from mergekit_sae.records import Member
     from mergekit_sae.run import resolve_inputs
+    from mergekit_sae.search.sae_operators import offspring_record
     from mergekit_sae.sparsity import sparsity_from_stats
 
     recipe = load_recipe(recipe_path)
@@ -77,11 +77,14 @@ def offspring_stage(recipe_path: str) -> tuple[Any, list[Path], Path | None, dic
     for index, path in enumerate(inputs.models):
         member = Member(id=f"p{index}", path=str(path), origin="parent", source=str(path))
         stats = model_stats(path)
-        member.sparsity = sparsity_from_stats(stats, recipe.merge.sparsity_measure)
+        member.sparsity = sparsity_from_stats(stats, recipe.sparsity_measure)
         member.performance = 0.5 + 0.1 * index
         members[member.id] = member
     pair = list(members.values())
-    record = offspring_record(recipe, pair, pair, 0.3, inputs.dtype)
+    merge = recipe.settings_for("sae").merge
+    record = offspring_record(
+        merge, recipe, pair, pair, parent_density=1.0, child_density=0.7, dtype=inputs.dtype
+    )
     child = Member(id="child", path="child", origin="offspring", merge=record)
     base = inputs.base if record.base_model is not None else None
     return record, inputs.models, base, stage_config(child, members)

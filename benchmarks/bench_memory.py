@@ -67,7 +67,7 @@ class ProbeEvaluator:
 
 def child(args: argparse.Namespace) -> None:
     """One driver run (in this process); prints one JSON line with its peak RSS."""
-    from mergekit_sae.recipe.schema import parse_recipe
+    from mergekit_sae.recipe.loading import parse_recipe
     from mergekit_sae.run import run
 
     paths = build_models(args.hidden, args.layers, args.intermediate, args.vocab)

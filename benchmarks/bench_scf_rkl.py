@@ -181,10 +181,10 @@ class Scorer:
     """The testbed tasks scored on test subsamples by one resident model."""
 
     def __init__(self, anchor: Path, recipe: Path, seed: int):
-        from mergekit_sae.driver.loop import derive_seed
+        from mergekit_sae.driver.context import derive_seed
         from mergekit_sae.evaluate import ResidentModel, load_task, subsample
         from mergekit_sae.evaluate.evaluator import ResidentEvaluator
-        from mergekit_sae.recipe.schema import load_recipe
+        from mergekit_sae.recipe.loading import load_recipe
 
         parsed = load_recipe(recipe)
         self.tasks = [load_task(task) for task in parsed.tasks]

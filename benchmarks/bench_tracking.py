@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from mergekit_sae.outputs import tracking
-from mergekit_sae.recipe.schema import parse_recipe
+from mergekit_sae.recipe.loading import parse_recipe
 from mergekit_sae.run import run
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "evolve_testbed.yml"

@@ -23,9 +23,9 @@ import yaml
 
 from mergekit_sae.atomic import write_text
 from mergekit_sae.compare.plan import set_field
-from mergekit_sae.driver.loop import build_search, derive_seed
+from mergekit_sae.driver.context import build_search, derive_seed
 from mergekit_sae.evaluate import subsample
-from mergekit_sae.recipe.schema import parse_recipe
+from mergekit_sae.recipe.loading import parse_recipe
 from mergekit_sae.run import load_tasks, resident_evaluator, resolve_inputs, run
 
 VALIDATION_SEED = 20261207

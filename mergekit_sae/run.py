@@ -2,13 +2,13 @@
 
 Everything that can fail on bad input (recipe fields, model paths, weight files, task files,
 an output folder in use) is checked here before any merge or evaluation starts. A run holds
-the lock of its output folder (:mod:`.lock`) from before its inputs are resolved to its end.
+the lock of its output folder (:mod:`.driver.lock`) from before its inputs are resolved to its end.
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,15 +20,19 @@ from mergekit_sae.driver.checkpoint import (
     verified_state,
     work_dir,
 )
+from mergekit_sae.driver.context import RunContext
 from mergekit_sae.driver.lock import claim_for_fresh_run, content, lock_folder
-from mergekit_sae.driver.loop import RunContext, evolve, is_complete
+from mergekit_sae.driver.loop import evolve, is_complete
 from mergekit_sae.errors import OutputFolderError
-from mergekit_sae.evaluate.evaluator import Evaluator
+from mergekit_sae.evaluate import resolve_device
+from mergekit_sae.evaluate.evaluator import Evaluator, build_evaluator, load_tasks
+from mergekit_sae.evaluate.tasks import Task
 from mergekit_sae.merging.stream import MergeInputError, check_compatible, model_dtype
 from mergekit_sae.merging.weight_files import check_model_files
 from mergekit_sae.outputs.finish import finish
 from mergekit_sae.outputs.tracking import open_tracker
-from mergekit_sae.recipe.schema import Recipe, RecipeError, resolve_model
+from mergekit_sae.recipe.loading import resolve_model
+from mergekit_sae.recipe.schema import Recipe, RecipeError
 
 # Recipe fields a resumed run may change: they do not alter the steps already taken.
 RESUMABLE_CHANGES = (
@@ -101,8 +105,6 @@ def prepare_output(out: Path, recipe: Recipe, *, resume: bool, force: bool) -> R
 
 def resolve_inputs(recipe: Recipe, source: str) -> ResolvedInputs:
     """Local model directories (Hub ids fetched now), the merge device and the merge dtype."""
-    from mergekit_sae.evaluate import resolve_device
-
     models = [resolve_model(name, f"models[{i}]", source) for i, name in enumerate(recipe.models)]
     base = resolve_model(recipe.base_model, "base_model", source) if recipe.base_model else None
     fields = [f"models[{i}]" for i in range(len(models))] + (["base_model"] if base else [])
@@ -123,36 +125,16 @@ def resolve_inputs(recipe: Recipe, source: str) -> ResolvedInputs:
     return ResolvedInputs(models=models, base=base, device=str(device), dtype=dtype)
 
 
-def load_tasks(recipe: Recipe, source: str) -> list:
-    """Build every task and read its splits now, so a bad task fails before any work."""
-    from mergekit_sae.evaluate import load_task
-
-    tasks = []
-    for index, spec in enumerate(recipe.tasks):
-        try:
-            task = load_task(spec)
-            for split in ("train", "test"):
-                if not task.items(split):
-                    raise ValueError(f"its {split} split holds no items")
-        except Exception as error:
-            raise RecipeError(f"{source}: tasks[{index}] ({spec.name!r}): {error}") from None
-        tasks.append(task)
-    return tasks
-
-
-def resident_evaluator(recipe: Recipe, inputs: ResolvedInputs, tasks: list) -> Evaluator:
-    """The evaluator that scores with one resident copy of the first parent's architecture."""
-    from mergekit_sae.evaluate import ResidentModel
-    from mergekit_sae.evaluate.evaluator import ResidentEvaluator
-
-    resident = ResidentModel(
+def recipe_evaluator(recipe: Recipe, inputs: ResolvedInputs, tasks: Sequence[Task]) -> Evaluator:
+    """The resident evaluator a recipe asks for, over its first model's architecture."""
+    return build_evaluator(
         inputs.models[0],
+        tasks,
         device=inputs.device,
         dtype=recipe.eval_dtype,
+        batch_size=recipe.eval_batch_size,
         trust_remote_code=recipe.trust_remote_code,
     )
-    batch_size = recipe.eval_batch_size or resident.batch_size  # sized to a GPU's memory
-    return ResidentEvaluator(resident, tasks, batch_size=batch_size)
 
 
 def configure_torch(recipe: Recipe, device: str) -> None:
@@ -206,10 +188,10 @@ def _run_locked(
     inputs = resolve_inputs(recipe, source)
     configure_torch(recipe, inputs.device)
     if make_evaluator is None:
-        tasks = load_tasks(recipe, source)
+        tasks = load_tasks(recipe.tasks, source)
 
         def make_evaluator(recipe: Recipe, inputs: ResolvedInputs) -> Evaluator:
-            return resident_evaluator(recipe, inputs, tasks)
+            return recipe_evaluator(recipe, inputs, tasks)
 
     state = prepare_output(out, recipe, resume=resume, force=force)
     if state is not None and state.finished:

@@ -137,7 +137,7 @@ def deep_lineage_recipe(models: Sequence[str]) -> dict:
 
 def run_fake(data: Mapping[str, Any], out: Path, **options: Any):
     """A whole evolve run of a recipe, scored by a FakeEvaluator, without progress bars."""
-    from mergekit_sae.recipe.schema import parse_recipe
+    from mergekit_sae.recipe.loading import parse_recipe
     from mergekit_sae.run import run
 
     return run(

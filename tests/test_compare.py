@@ -122,7 +122,7 @@ def test_resume_keeps_finished_runs_and_adds_methods(tmp_path: Path, recipe_file
 
 def test_a_stopped_run_continues_on_resume(tmp_path: Path, recipe_file) -> None:
     from mergekit_sae.compare.plan import RunSpec
-    from mergekit_sae.recipe.schema import parse_recipe
+    from mergekit_sae.recipe.loading import parse_recipe
     from mergekit_sae.run import run
 
     out = tmp_path / "s"

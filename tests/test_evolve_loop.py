@@ -18,14 +18,9 @@ from evolve_fixtures import (
 )
 
 from mergekit_sae.driver.checkpoint import HISTORY_FILE, load_state
-from mergekit_sae.driver.loop import (
-    RunContext,
-    derive_seed,
-    evolve,
-    initial_population,
-    training_subsample,
-)
-from mergekit_sae.recipe.schema import parse_recipe
+from mergekit_sae.driver.context import RunContext, derive_seed, training_subsample
+from mergekit_sae.driver.loop import evolve, initial_population
+from mergekit_sae.recipe.loading import parse_recipe
 from mergekit_sae.records import Member, lineage, member_dir
 from mergekit_sae.run import run
 from mergekit_sae.search.sae_ga import random_pairs, replacement_slot

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from evolve_fixtures import VOCAB, recipe_data, task_files, tiny_llama
 
 from mergekit_sae.cli import main
-from mergekit_sae.recipe.schema import Recipe, RecipeError, parse_recipe
+from mergekit_sae.recipe.loading import parse_recipe
+from mergekit_sae.recipe.schema import Recipe, RecipeError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -20,7 +20,7 @@ from evolve_fixtures import (
 )
 
 from mergekit_sae.driver.checkpoint import load_state, state_path
-from mergekit_sae.recipe.schema import parse_recipe
+from mergekit_sae.recipe.loading import parse_recipe
 from mergekit_sae.run import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -19,7 +19,7 @@ from yaml import safe_dump
 
 from mergekit_sae import atomic, cli
 from mergekit_sae.driver.checkpoint import load_state
-from mergekit_sae.recipe.schema import parse_recipe
+from mergekit_sae.recipe.loading import parse_recipe
 from mergekit_sae.run import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -34,7 +34,7 @@ from safetensors import safe_open
 from mergekit_sae import faults
 from mergekit_sae.atomic import is_leftover
 from mergekit_sae.driver.checkpoint import load_state
-from mergekit_sae.recipe.schema import parse_recipe
+from mergekit_sae.recipe.loading import parse_recipe
 from mergekit_sae.run import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")

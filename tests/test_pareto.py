@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from mergekit_sae.merging.recipes import RECIPE_FILE, load_stages
 from mergekit_sae.outputs import pareto
 from mergekit_sae.outputs.export import export
-from mergekit_sae.recipe.schema import parse_recipe
+from mergekit_sae.recipe.loading import parse_recipe
 from mergekit_sae.run import run
 
 # scores on a coarse grid so that ties and duplicates happen often

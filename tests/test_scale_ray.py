@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from evolve_fixtures import assert_identical, recipe_data, task_files, tiny_llama
 
-from mergekit_sae.recipe.schema import parse_recipe
+from mergekit_sae.recipe.loading import parse_recipe
 from mergekit_sae.run import run
 
 ray = pytest.importorskip("ray")

@@ -17,9 +17,9 @@ from evolve_fixtures import (
     tiny_llama,
 )
 
-from mergekit_sae.driver.loop import derive_seed
+from mergekit_sae.driver.context import derive_seed
 from mergekit_sae.merging.recipes import RECIPE_FILE, recipe_documents, render_recipe, run_recipe
-from mergekit_sae.recipe.schema import parse_recipe
+from mergekit_sae.recipe.loading import parse_recipe
 from mergekit_sae.records import lineage, member_dir
 from mergekit_sae.run import run
 

@@ -14,7 +14,7 @@ from mergekit_sae.driver.checkpoint import load_state
 from mergekit_sae.errors import RecipeError
 from mergekit_sae.merging.per_tensor import layer_groups, resolve
 from mergekit_sae.merging.recipes import RECIPE_FILE, load_stages, run_recipe
-from mergekit_sae.recipe.schema import parse_recipe
+from mergekit_sae.recipe.loading import parse_recipe
 from mergekit_sae.run import run
 from mergekit_sae.search.cmaes import (
     CmaesSettings,

@@ -10,7 +10,8 @@ from evolve_fixtures import FakeEvaluator, assert_identical, load_weights, tiny_
 
 from mergekit_sae.merging.per_tensor import conditional, layer_groups, layer_of, resolve
 from mergekit_sae.merging.recipes import RECIPE_FILE, run_recipe
-from mergekit_sae.recipe.schema import RecipeError, parse_recipe
+from mergekit_sae.recipe.loading import parse_recipe
+from mergekit_sae.recipe.schema import RecipeError
 from mergekit_sae.run import run
 from mergekit_sae.search import SEARCHES, search_class
 from mergekit_sae.search.base import Search

@@ -10,7 +10,7 @@ import pytest
 from evolve_fixtures import FakeEvaluator, assert_identical, load_weights, tiny_llama
 
 from mergekit_sae.merging.recipes import RECIPE_FILE, recipe_documents, run_recipe
-from mergekit_sae.recipe.schema import parse_recipe
+from mergekit_sae.recipe.loading import parse_recipe
 from mergekit_sae.records import lineage
 from mergekit_sae.run import run
 from mergekit_sae.search.niches import attraction, item_fitness

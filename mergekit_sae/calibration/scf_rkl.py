@@ -36,6 +36,11 @@ import torch
 import yaml
 from torch import Tensor
 
+from mergekit_sae.atomic import write_file, write_text
+from mergekit_sae.errors import RecipeError
+from mergekit_sae.evaluate.data import TaskDataError, load_jsonl, subsample
+from mergekit_sae.merging.per_tensor import layer_of
+from mergekit_sae.merging.stream import read_tensor
 from mergekit_sae.methods.scf_rkl import (
     METHOD_NAME,
     WEIGHTS,
@@ -53,10 +58,6 @@ GRANULARITIES: tuple[str, ...] = ("layer", "model")
 NON_LAYER_GROUP = "embeddings, final norm and head"
 
 
-class ScfRklRecipeError(ValueError):
-    """A recipe that the scf_rkl helpers cannot use; the message names the recipe and field."""
-
-
 @dataclass(frozen=True)
 class Roles:
     """The anchor and donors of an scf_rkl recipe, as written in it."""
@@ -71,21 +72,23 @@ def read_roles(recipe_path: str | Path) -> Roles:
     recipe_path = Path(recipe_path)
     raw = yaml.safe_load(recipe_path.read_text())
     if not isinstance(raw, dict) or raw.get("merge_method") != METHOD_NAME:
-        raise ScfRklRecipeError(f"{recipe_path}: merge_method must be {METHOD_NAME}")
+        raise RecipeError(f"{recipe_path}: merge_method must be {METHOD_NAME}")
     anchor = raw.get("base_model")
     if not anchor:
-        raise ScfRklRecipeError(f"{recipe_path}: base_model (the anchor) is required")
+        raise RecipeError(f"{recipe_path}: base_model (the anchor) is required")
     if "slices" in raw or "modules" in raw:
-        raise ScfRklRecipeError(f"{recipe_path}: only `models:` recipes are supported here")
-    donors = tuple(m["model"] for m in raw.get("models") or [] if m["model"] != anchor)
+        raise RecipeError(f"{recipe_path}: only `models:` recipes are supported here")
+    entries = raw.get("models") or []
+    if not all(isinstance(m, dict) and "model" in m for m in entries):
+        raise RecipeError(f"{recipe_path}: every `models:` entry needs a `model:`")
+    donors = tuple(m["model"] for m in entries if m["model"] != anchor)
     if not donors:
-        raise ScfRklRecipeError(f"{recipe_path}: models: needs at least one donor")
+        raise RecipeError(f"{recipe_path}: models: needs at least one donor")
     return Roles(str(anchor), tuple(str(d) for d in donors), raw)
 
 
 def load_prompts(path: str | Path, items: int | None, seed: int = 0) -> list[str]:
     """The `prompt` of each JSONL item (a seeded subsample of `items` of them)."""
-    from mergekit_sae.evaluate.data import TaskDataError, load_jsonl, subsample
 
     records = subsample(load_jsonl(path), items, seed)
     prompts = []
@@ -184,7 +187,6 @@ def kl_gradients(
 def parameter_groups(names: Sequence[str], granularity: Granularity) -> list[tuple[str, list[str]]]:
     """(label, parameter names) of each gradient pass: one group of everything (`model`), or
     one per decoder layer in layer order then one of the non-layer tensors (`layer`)."""
-    from mergekit_sae.merging.per_tensor import layer_of
 
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {list(GRANULARITIES)}, got {granularity!r}")
@@ -275,8 +277,6 @@ def _tensor_reader(path: str | Path) -> Callable[[str], Tensor]:
     """A function reading one named tensor of a checkpoint (lazily, with MergeKit's loader)."""
     from mergekit.io import LazyTensorLoader, ShardedTensorIndex
 
-    from mergekit_sae.merging.stream import read_tensor
-
     loader = LazyTensorLoader(ShardedTensorIndex.from_disk(str(path)))
 
     def read(name: str) -> Tensor:
@@ -359,8 +359,6 @@ def compute_importance(
     """
     from transformers import AutoTokenizer
 
-    from mergekit_sae.atomic import write_file, write_text
-
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {list(GRANULARITIES)}, got {granularity!r}")
     started = time.perf_counter()
@@ -441,7 +439,7 @@ def _scalar(value: Any, field_name: str, default: Any) -> Any:
     if value is None:
         return default
     if isinstance(value, (list, dict)):
-        raise ScfRklRecipeError(
+        raise RecipeError(
             f"`{field_name}` must be a single value for a global threshold, got {value!r}"
         )
     return value
@@ -468,7 +466,10 @@ def importance_settings(roles: Roles) -> ImportanceSettings:
     shared = roles.raw.get("parameters") or {}
 
     def value(name: str, source: Mapping) -> Any:
-        return spec[name].validate(_scalar(source.get(name), name, spec[name].default))
+        try:
+            return spec[name].validate(_scalar(source.get(name), name, spec[name].default))
+        except ValueError as error:  # pydantic's, naming the value
+            raise RecipeError(f"parameter `{name}`: {error}", field=name) from None
 
     per_donor = {m["model"]: m.get("parameters") or {} for m in roles.raw.get("models") or []}
     importance = tuple(

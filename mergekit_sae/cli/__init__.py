@@ -21,8 +21,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("mergekit_sae.cli.merge:merge", "Run a MergeKit YAML recipe (sae_evolve included)."),
     "testbed": ("mergekit_sae.cli.testbed:testbed", "Build and inspect the embedded tiny testbed."),
     "evolve": ("mergekit_sae.cli.evolve:evolve", "Run the sparsity-aware evolutionary search."),
-    "publish": ("mergekit_sae.outputs.publish:publish", "Upload an evolved model to the Hub."),
-    "export": ("mergekit_sae.outputs.export:export_command", "Rebuild any candidate of a run."),
+    "publish": ("mergekit_sae.cli.publish:publish", "Upload an evolved model to the Hub."),
+    "export": ("mergekit_sae.cli.export:export_command", "Rebuild any candidate of a run."),
     "scf-rkl": ("mergekit_sae.cli.scf_rkl:scf_rkl", "SCF-RKL: functional importance, threshold."),
     "compare": ("mergekit_sae.cli.compare:compare", "Compare searches and one-shot merges."),
     "landscape": ("mergekit_sae.cli.landscape:landscape", "Loss and convexity maps of models."),
@@ -116,4 +116,3 @@ def main(debug: bool) -> None:
 
     Recipes with `merge_method: sae_evolve` also run with plain `mergekit-yaml`.
     """
-

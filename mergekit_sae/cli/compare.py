@@ -8,7 +8,9 @@ from pathlib import Path
 
 import click
 
+from mergekit_sae.cli.progress import silence_progress_bars
 from mergekit_sae.compare.plan import DEFAULT_METHODS
+from mergekit_sae.errors import UsageError
 
 # Options that change how a comparison runs, not what it computes: left out of the record.
 HOW_TO_RUN = ("--resume", "--force", "--quiet", "-q")
@@ -90,13 +92,10 @@ def compare(
     from mergekit_sae.compare.plan import parse_methods, parse_sweep
     from mergekit_sae.compare.run import Comparison
     from mergekit_sae.compare.run import compare as run_compare
-    from mergekit_sae.errors import UsageError
 
     if resume and force:
         raise UsageError("--resume and --force exclude each other")
     if quiet:
-        from mergekit_sae.cli.evolve import silence_progress_bars
-
         silence_progress_bars()
     comparison = Comparison(
         recipe=recipe,

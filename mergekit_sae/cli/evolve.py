@@ -6,14 +6,8 @@ from pathlib import Path
 
 import click
 
-
-def silence_progress_bars() -> None:
-    """Turn off the progress bars of the libraries that load models and files."""
-    from huggingface_hub.utils import disable_progress_bars
-    from transformers.utils import logging
-
-    disable_progress_bars()
-    logging.disable_progress_bar()
+from mergekit_sae.cli.progress import silence_progress_bars
+from mergekit_sae.errors import UsageError
 
 
 @click.command(name="evolve")
@@ -67,11 +61,11 @@ def evolve(
 ) -> None:
     """Evolve a merge of the recipe's models into OUT (model, recipe, history, plots, card)."""
     from mergekit_sae.outputs.summary import summary
-    from mergekit_sae.recipe.schema import load_recipe
+    from mergekit_sae.recipe.loading import load_recipe
     from mergekit_sae.run import run
 
     if resume and force:
-        raise click.UsageError("--resume and --force exclude each other")
+        raise UsageError("--resume and --force exclude each other")
     if quiet:
         silence_progress_bars()
     parsed = load_recipe(recipe)

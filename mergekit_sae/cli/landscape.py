@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from mergekit_sae.errors import UsageError
+
 
 @click.command(name="landscape")
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
@@ -110,12 +112,11 @@ def landscape(
     import torch
 
     from mergekit_sae.dtypes import torch_dtype
-    from mergekit_sae.errors import UsageError
     from mergekit_sae.evaluate.device import resolve_device
     from mergekit_sae.landscape.grid import PNG_FILE, GridSettings, run_grid
     from mergekit_sae.landscape.models import model_entry, select_tasks, task_items, unique_labels
     from mergekit_sae.landscape.plot import write_landscape_png
-    from mergekit_sae.recipe.schema import load_recipe, resolve_model
+    from mergekit_sae.recipe.loading import load_recipe, resolve_model
 
     parsed = load_recipe(recipe)
     if threads or parsed.threads:

@@ -17,6 +17,21 @@ from pathlib import Path
 
 import click
 import yaml
+from tqdm import tqdm
+
+from mergekit_sae.atomic import write_text
+from mergekit_sae.calibration.scf_rkl import (
+    RECIPE_COPY,
+    SIDECAR,
+    compute_importance,
+    global_threshold,
+    importance_settings,
+    load_prompts,
+    read_roles,
+    recipe_with,
+)
+from mergekit_sae.errors import UsageError
+from mergekit_sae.evaluate.device import resolve_device, resolve_dtype
 
 
 @click.group(name="scf-rkl")
@@ -36,7 +51,6 @@ def _roles(recipe: Path):
 
 def _write_yaml(path: Path, recipe: dict) -> None:
     """Write a recipe mapping as YAML (atomically), creating the parent directory."""
-    from mergekit_sae.atomic import write_text
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, yaml.safe_dump(recipe, sort_keys=False))
@@ -89,26 +103,14 @@ def importance(
     granularity: str,
 ) -> None:
     """Compute functional importance -g * delta of each donor into OUT_DIR."""
-    from tqdm import tqdm
-
-    from mergekit_sae.calibration.scf_rkl import (
-        RECIPE_COPY,
-        SIDECAR,
-        compute_importance,
-        load_prompts,
-        recipe_with,
-    )
-    from mergekit_sae.evaluate.data import TaskDataError
-    from mergekit_sae.evaluate.device import resolve_device, resolve_dtype
-
     if items < 1 or batch_size < 1 or max_length < 2:
-        raise click.UsageError("--items and --batch-size must be >= 1, --max-length >= 2")
-    roles = _roles(recipe)
+        raise UsageError("--items and --batch-size must be >= 1, --max-length >= 2")
+    roles = read_roles(recipe)
     try:
         torch_device, default_dtype = resolve_device(device)
-        prompts = load_prompts(data, items, seed)
-    except (ValueError, TaskDataError) as error:
-        raise click.UsageError(str(error)) from error
+    except ValueError as error:  # e.g. cuda asked for on a machine without a GPU
+        raise UsageError(f"--device: {error}") from None
+    prompts = load_prompts(data, items, seed)
     report = compute_importance(
         roles.anchor,
         roles.donors,
@@ -146,8 +148,6 @@ def threshold(recipe: Path, out_recipe: Path) -> None:
     """Compute the model-wide importance cut-off and write OUT_RECIPE with selection: global."""
     from mergekit_sae.calibration.scf_rkl import (
         ScfRklRecipeError,
-        global_threshold,
-        importance_settings,
         recipe_with,
     )
 

@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field
 from mergekit_sae import faults
 from mergekit_sae.atomic import clean_leftovers, current_umask, write_text  # noqa: F401
 from mergekit_sae.errors import MergeInputError
+from mergekit_sae.merging.weight_files import check_model_files
 from mergekit_sae.records import Member, StepRecord, TestResult, member_dir
 
 STATE_VERSION = 1
@@ -199,8 +200,6 @@ def record_checksums(out: Path, state: RunState) -> None:
 
 def member_problem(out: Path, state: RunState, identifier: str) -> str | None:
     """What is wrong with a living member's files (None when they verify)."""
-    from mergekit_sae.merging.weight_files import check_model_files
-
     member = state.members[identifier]
     folder = member_dir(member, out)
     expected = state.checksums.get(identifier)

@@ -17,175 +17,46 @@ exactly as an uninterrupted run does.
 
 from __future__ import annotations
 
-import hashlib
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from mergekit_sae import faults
 from mergekit_sae.driver.checkpoint import RunState, population_dir, save_state
-from mergekit_sae.driver.executor import executor_for
+from mergekit_sae.driver.context import (
+    RunContext,
+    build_search,
+    derive_seed,
+    task_weights,
+    training_subsample,
+)
+from mergekit_sae.driver.executor import Executor, ItemScores, SerialExecutor
+from mergekit_sae.driver.members import (
+    apply_scores,
+    mean_scores,
+    merge_member,
+    new_member,
+    original_member,
+)
 from mergekit_sae.driver.profiling import peak_rss_mib, reset_peak_rss, rss_mib
-from mergekit_sae.evaluate import subsample
-from mergekit_sae.evaluate.evaluator import Evaluator
-from mergekit_sae.merging.stream import (
-    DEFAULT_SHARD_SIZE,
-    MergeOutcome,
-    model_stats,
-    stage_inputs,
-    stats_reference,
-    stream_merge,
-)
+from mergekit_sae.driver.ray_executor import RayExecutor
 from mergekit_sae.recipe.schema import Recipe
-from mergekit_sae.records import (
-    Member,
-    OffspringRecord,
-    StepRecord,
-    member_dir,
-    member_id,
-    performance,
-)
-from mergekit_sae.search import search_class
-from mergekit_sae.search.base import Proposal, Result, Search
-from mergekit_sae.sparsity import SparsityStats, sparsity_from_stats
+from mergekit_sae.records import Member, OffspringRecord, StepRecord, member_dir
+from mergekit_sae.search.base import Proposal, Result
 
 
-def build_search(recipe: Recipe, state: dict[str, Any] | None = None) -> Search:
-    """The recipe's search with its settings, restored from a checkpointed state when given."""
-    cls = search_class(recipe.search)
-    restored = cls.state_model.model_validate(state) if state else None
-    return cls.create(recipe, recipe.settings_for(), restored)
-
-
-@dataclass
-class RunContext:
-    """A run's fixed inputs: recipe, output folder, resolved models, evaluator, the search.
-
-    ``models``/``base`` are the local directories of ``recipe.models``/``recipe.base_model``;
-    ``device`` is where tensors are merged; ``dtype`` the dtype merged weights are written in.
-    """
-
-    recipe: Recipe
-    out: Path
-    models: list[Path]
-    base: Path | None
-    evaluator: Evaluator
-    device: str = "cpu"
-    dtype: str = "float32"
-    progress: bool = True
-    shard_size: int = DEFAULT_SHARD_SIZE
-    search: Search = field(default=None)  # type: ignore[assignment]
-    tracker: Any = None  # a tracking.Tracker: logs every checkpointed step (None: no tracking)
-    executor: Any = None  # the parallel executor, made on first use (None: serial scoring)
-
-    def __post_init__(self) -> None:
-        if self.search is None:
-            self.search = build_search(self.recipe)
-
-
-def derive_seed(seed: int, *labels: object) -> int:
-    """A 64-bit seed determined by the recipe seed and labels (step, task, purpose)."""
-    text = ":".join(str(part) for part in (seed, *labels))
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
-
-
-def training_subsample(ctx: RunContext, step: int) -> dict[str, list[Any]]:
-    """Each task's training items for a step: the search's draw for the step, seeded by
-    (seed, draw, task); steps of one draw score on the same items."""
-    draw = ctx.search.items_draw(step)
-    draws = {}
-    for task in ctx.recipe.tasks:
-        items = ctx.evaluator.items(task.name, "train")
-        draws[task.name] = subsample(
-            items, task.subsample, derive_seed(ctx.recipe.seed, draw, task.name)
-        )
-    return draws
-
-
-def test_items(ctx: RunContext) -> dict[str, list[Any]]:
-    """Each task's test items for the final report (a seeded subsample when one is asked)."""
-    return {
-        task.name: subsample(
-            ctx.evaluator.items(task.name, "test"),
-            task.test_subsample,
-            derive_seed(ctx.recipe.seed, "test", task.name),
-        )
-        for task in ctx.recipe.tasks
-    }
-
-
-def task_weights(recipe: Recipe) -> dict[str, float]:
-    """Weight of each task in the performance mean."""
-    return {task.name: task.weight for task in recipe.tasks}
-
-
-def apply_stats(member: Member, stats: SparsityStats, measure: str) -> None:
-    """Record a member's global sparsity (recipe measure) and zero fraction."""
-    member.sparsity = sparsity_from_stats(stats, measure)
-    member.zero_fraction = sparsity_from_stats(stats, "zero_count")
-
-
-def apply_scores(member: Member, scores: Mapping[str, float], step: int, recipe: Recipe) -> None:
-    """Record a member's task scores on a step's items and its performance (= fitness until
-    the search sets its own)."""
-    member.scores = dict(scores)
-    member.scored_at = step
-    member.performance = performance(scores, task_weights(recipe))
-    member.fitness = member.performance
-
-
-def mean_scores(item_scores: Mapping[str, Sequence[float]]) -> dict[str, float]:
-    """Each task's score: the mean of its item scores."""
-    return {task: float(sum(values) / len(values)) for task, values in item_scores.items()}
-
-
-def merge_member(
-    ctx: RunContext, state: RunState, member: Member, *, sink: bool, receive: Any = None
-) -> MergeOutcome:
-    """Stream the merge a member's record describes into its directory (and, with ``sink``,
-    into the evaluator: through ``receive`` when given, else ``ctx.evaluator.receive``)."""
-    assert member.merge is not None
-    inputs, base = stage_inputs(
-        member.merge, lambda i: member_dir(state.members[i], ctx.out), ctx.base
-    )
-    outcome = stream_merge(
-        member.merge,
-        inputs,
-        base,
-        member_dir(member, ctx.out),
-        device=ctx.device,
-        sink=(receive or ctx.evaluator.receive) if sink else None,
-        shard_size=ctx.shard_size,
-        stats_base=stats_reference(ctx.recipe.prune_target, ctx.base),
-    )
-    apply_stats(member, outcome.stats, ctx.recipe.sparsity_measure)
-    return outcome
-
-
-def new_member(state: RunState, **fields: Any) -> Member:
-    """Create the next member (numbered in order of creation) and record it."""
-    identifier = member_id(state.next_member)
-    state.next_member += 1
-    member = Member(id=identifier, path=f".work/population/{identifier}", **fields)
-    state.members[identifier] = member
-    return member
-
-
-def original_member(ctx: RunContext, state: RunState, name: str, path: Path, origin: str) -> str:
-    """Record one of the recipe's models (a dense parent or the base) as a member."""
-    identifier = member_id(state.next_member)
-    state.next_member += 1
-    member = Member(id=identifier, path=str(path), origin=origin, source=name)  # type: ignore[arg-type]
-    reference = stats_reference(ctx.recipe.prune_target, ctx.base)
-    delta_base = reference if origin != "base" else None
-    apply_stats(member, model_stats(path, delta_base), ctx.recipe.sparsity_measure)
-    state.members[identifier] = member
-    return identifier
+def executor_for(ctx: RunContext) -> Executor:
+    """The run's executor (``recipe.executor``), made on first use and kept on the context."""
+    if ctx.executor is None:
+        settings = ctx.recipe.executor
+        if settings.kind == "ray":
+            ctx.executor = RayExecutor(settings, ctx.recipe, ctx.models[0], ctx.out)
+        else:
+            ctx.executor = SerialExecutor(ctx.evaluator)
+    return ctx.executor
 
 
 class StepDriver:
@@ -242,29 +113,26 @@ class StepDriver:
         return count if left is None else min(count, left)
 
     def make(self, proposals: Sequence[Proposal], *, score: bool = True) -> list[Result]:
-        if score:
-            if self.step == 0:
-                raise ValueError("candidates can be scored only inside a step")
-            proposals = list(proposals)[: self.affordable(len(proposals))]
-        executor = executor_for(self.ctx) if score else None
-        if executor is not None:  # merge all to disk, then score them in parallel
-            members = [self._merged(proposal, sink=False) for proposal in proposals]
-            self.scored.extend(member.id for member in members)
-            return self._score_parallel(executor, members)
-        results = []
-        for proposal in proposals:
-            member = self._merged(proposal, sink=score)
-            if score:
-                results.append(self._score(member))
-                self.scored.append(member.id)
-            else:
-                results.append(Result(member=member))
-        return results
+        if not score:
+            return [Result(member=self._member(p, stream=False)) for p in proposals]
+        if self.step == 0:
+            raise ValueError("candidates can be scored only inside a step")
+        members = [self._new(p) for p in list(proposals)[: self.affordable(len(proposals))]]
+        self.scored.extend(member.id for member in members)
+        scores = executor_for(self.ctx).make(members, self._merge, self.items, self.seconds)
+        return self._apply_all(members, scores)
 
-    def _merged(self, proposal: Proposal, *, sink: bool) -> Member:
-        """Record a proposal as a new member and stream its merge (into the evaluator with
-        ``sink``); the copies into the evaluator count as ``load``, not ``merge``."""
-        member = new_member(
+    def rescore(self, ids: Sequence[str]) -> list[Result]:
+        if self.step == 0:
+            raise ValueError("members can be scored only inside a step")
+        members = [self.state.members[i] for i in list(ids)[: self.affordable(len(ids))]]
+        paths = [member_dir(member, self.ctx.out) for member in members]
+        scores = executor_for(self.ctx).rescore(paths, self.items, self.seconds)
+        return self._apply_all(members, scores)
+
+    def _new(self, proposal: Proposal) -> Member:
+        """Record a proposal as a new member (made by :meth:`_merge`)."""
+        return new_member(
             self.state,
             origin=proposal.origin,
             inputs=list(proposal.inputs),
@@ -272,11 +140,21 @@ class StepDriver:
             born=self.step,
             label=proposal.label,
         )
+
+    def _member(self, proposal: Proposal, *, stream: bool) -> Member:
+        """Record a proposal as a new member and make it."""
+        member = self._new(proposal)
+        self._merge(member, stream)
+        return member
+
+    def _merge(self, member: Member, stream: bool) -> None:
+        """Stream a member's merge to disk (and, with ``stream``, into the evaluator); the
+        copies into the evaluator count as ``load``, not ``merge``."""
         loaded = self.seconds["load"]
-        outcome = merge_member(self.ctx, self.state, member, sink=sink, receive=self._receive)
+        receive = self._receive if stream else None
+        outcome = merge_member(self.ctx, self.state, member, sink=stream, receive=receive)
         self.seconds["merge"] += outcome.seconds["merge"] - (self.seconds["load"] - loaded)
         self.seconds["write"] += outcome.seconds["write"]
-        return member
 
     def _receive(self, name: str, tensor: Any) -> None:
         """Hand one merged tensor to the evaluator, timed as ``load``."""
@@ -284,46 +162,17 @@ class StepDriver:
         self.ctx.evaluator.receive(name, tensor)
         self.seconds["load"] += time.perf_counter() - start
 
-    def rescore(self, ids: Sequence[str]) -> list[Result]:
-        if self.step == 0:
-            raise ValueError("members can be scored only inside a step")
-        members = [self.state.members[i] for i in list(ids)[: self.affordable(len(ids))]]
-        executor = executor_for(self.ctx)
-        if executor is not None:
-            return self._score_parallel(executor, members)
-        results = []
-        for member in members:
-            start = time.perf_counter()
-            self.ctx.evaluator.load(member_dir(member, self.ctx.out))
-            self.seconds["load"] += time.perf_counter() - start
-            results.append(self._score(member))
-        return results
-
-    def _score_parallel(self, executor: Any, members: Sequence[Member]) -> list[Result]:
-        """Score members stored on disk on the executor's workers; apply in the given order."""
-        if not members:
-            return []
-        faults.point("score")
-        start = time.perf_counter()
-        scores = executor.score([member_dir(m, self.ctx.out) for m in members], self.items)
-        self.seconds["score"] += time.perf_counter() - start
+    def _apply_all(self, members: Sequence[Member], scores: Iterable[ItemScores]) -> list[Result]:
+        """Record each member's per-item scores (in order) as one fitness evaluation each."""
         return [self._apply(m, s) for m, s in zip(members, scores, strict=True)]
 
-    def _score(self, member: Member) -> Result:
-        """Score the evaluator's current candidate on the step's items as ``member``."""
-        faults.point("score")
-        start = time.perf_counter()
-        item_scores = {k: list(v) for k, v in self.ctx.evaluator.score_items(self.items).items()}
-        self.seconds["score"] += time.perf_counter() - start
-        return self._apply(member, item_scores)
-
-    def _apply(self, member: Member, item_scores: dict[str, list[float]]) -> Result:
+    def _apply(self, member: Member, item_scores: ItemScores) -> Result:
         """Record a member's per-item scores as one fitness evaluation."""
         apply_scores(member, mean_scores(item_scores), self.step, self.ctx.recipe)
         self.state.evaluations += 1
         if self.bar is not None:
             self.bar.update(1)
-        return Result(member=member, item_scores=item_scores)
+        return Result(member=member, item_scores={k: list(v) for k, v in item_scores.items()})
 
     def note(self, **fields: Any) -> None:
         for key, value in fields.items():

@@ -1,8 +1,10 @@
-"""What the search needs from an evaluator, and the evaluator that scores with one resident model.
+"""What the driver needs from an evaluator, and the evaluator that scores with one resident model.
 
-The loop only sees :class:`Evaluator`: task names and items, a way to make a model the
+The driver only sees :class:`Evaluator`: task names and items, a way to make a model the
 current candidate (from disk, or tensor by tensor while it is being merged), and per-task
-scores of the current candidate. How a task is scored stays in :mod:`mergekit_sae.evaluate`.
+scores of the current candidate. :func:`load_tasks` and :func:`build_evaluator` are the one
+place a run's tasks and its resident evaluator are built (in the driver's process and in each
+Ray worker alike).
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ from typing import Any, Protocol
 import torch
 
 from mergekit_sae import faults
+from mergekit_sae.errors import RecipeError
+from mergekit_sae.evaluate.resident import ResidentModel, check_fits
+from mergekit_sae.evaluate.spec import TaskSpec
+from mergekit_sae.evaluate.tasks import Task, load_task
 
 
 class Evaluator(Protocol):
@@ -58,8 +64,6 @@ class ResidentEvaluator:
 
     def receive(self, name: str, tensor: torch.Tensor) -> None:
         """Copy one merged tensor into the resident model's parameter of that name."""
-        from mergekit_sae.evaluate.resident import check_fits
-
         check_fits({name: tuple(tensor.shape)}, self._targets, "merged tensor")
         with torch.no_grad():
             self._targets[name].copy_(tensor)
@@ -118,3 +122,34 @@ class ResidentEvaluator:
             name: self.tasks[name].aggregate(values)
             for name, values in self.score_items(items).items()
         }
+
+
+def load_tasks(specs: Sequence[TaskSpec], source: str) -> list[Task]:
+    """Build every task and read its splits now, so a bad task fails before any work
+    (RecipeError naming ``source: tasks[i] (name)``)."""
+    tasks = []
+    for index, spec in enumerate(specs):
+        try:
+            task = load_task(spec)
+            for split in ("train", "test"):
+                if not task.items(split):
+                    raise ValueError(f"its {split} split holds no items")
+        except Exception as error:
+            raise RecipeError(f"{source}: tasks[{index}] ({spec.name!r}): {error}") from None
+        tasks.append(task)
+    return tasks
+
+
+def build_evaluator(
+    model: str | Path,
+    tasks: Sequence[Task],
+    *,
+    device: str = "auto",
+    dtype: str | None = None,
+    batch_size: int | None = None,
+    trust_remote_code: bool = False,
+) -> ResidentEvaluator:
+    """The resident-model evaluator over ``model``'s architecture; without ``batch_size`` the
+    batch is sized to the device's memory."""
+    resident = ResidentModel(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    return ResidentEvaluator(resident, tasks, batch_size=batch_size or resident.batch_size)

@@ -25,6 +25,8 @@ import yaml
 
 from mergekit_sae.atomic import atomic_dir, write_text
 from mergekit_sae.errors import RecipeError
+from mergekit_sae.merging.run_guard import run_merge_atomic
+from mergekit_sae.methods import register_all
 from mergekit_sae.records import Member, MergeInput, lineage
 
 RECIPE_FILE = "mergekit_config.yml"
@@ -236,9 +238,6 @@ def run_recipe(
     """
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
-
-    from mergekit_sae.merging.run_guard import run_merge_atomic
-    from mergekit_sae.methods import register_all
 
     register_all()
     options = options or MergeOptions()

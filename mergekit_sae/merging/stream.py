@@ -29,6 +29,7 @@ from mergekit_sae.errors import MergeInputError
 from mergekit_sae.merging.per_tensor import resolve_parameters
 from mergekit_sae.merging.shard_writer import StreamingShardWriter
 from mergekit_sae.merging.weight_files import check_model_files
+from mergekit_sae.methods import register_all
 from mergekit_sae.records import MergeRecord
 from mergekit_sae.sparsity import EMPTY_STATS, SparsityStats, sparsity_stats
 
@@ -55,8 +56,6 @@ class MergeOutcome:
 def register_methods() -> None:
     """Make sure this package's methods are in MergeKit's registry (MergeKit imported first)."""
     import mergekit.merge_methods  # noqa: F401  (the autoload hook may register on this import)
-
-    from mergekit_sae.methods import register_all
 
     register_all()
 

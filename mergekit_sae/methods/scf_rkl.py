@@ -30,6 +30,7 @@ from mergekit.merge_methods.base import BasePolicy, InputContract
 from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
 from torch import Tensor
 
+from mergekit_sae.errors import MergeInputError
 from mergekit_sae.methods.sae_evolve import _check_tensors, _compute_dtype, _label
 from mergekit_sae.sparsity import magnitude_prune
 
@@ -258,16 +259,16 @@ def read_importance(path: str | Path, name: str, shape: torch.Size, label: str) 
     path = Path(path)
     where = f"{name}: importance of {label}"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MergeInputError(
             f"{where}: importance file {path} does not exist (parameter `importance` is "
             f"'{WEIGHTS}' or a safetensors file written by `mergekit-sae scf-rkl importance`)"
         )
     with safe_open(str(path), framework="pt") as handle:
         if name not in handle.keys():  # noqa: SIM118 - safe_open handles have no __contains__
-            raise KeyError(f"{where}: importance file {path} has no tensor {name!r}")
+            raise MergeInputError(f"{where}: importance file {path} has no tensor {name!r}")
         tensor = handle.get_tensor(name)
     if tuple(tensor.shape) != tuple(shape):
-        raise ValueError(
+        raise MergeInputError(
             f"{where}: tensor {name!r} in {path} has shape {tuple(tensor.shape)}, "
             f"the model's has {tuple(shape)}"
         )

@@ -18,14 +18,14 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from mergekit_sae import faults
-from mergekit_sae.atomic import replace_files
 from mergekit_sae.driver.checkpoint import RunState, save_state, work_dir
-from mergekit_sae.driver.loop import RunContext, task_weights, test_items
+from mergekit_sae.driver.context import RunContext, task_weights, test_items
+from mergekit_sae.merging.rebuild import run_rebuilder
 from mergekit_sae.merging.recipes import write_recipe
-from mergekit_sae.merging.stream import CONFIG_FILES, stats_reference, stream_merge
+from mergekit_sae.merging.stream import stats_reference, stream_merge
 from mergekit_sae.outputs import pareto
 from mergekit_sae.outputs.card import write_card
-from mergekit_sae.outputs.export import run_rebuilder
+from mergekit_sae.outputs.model_files import write_model
 from mergekit_sae.outputs.plots import write_plots
 from mergekit_sae.outputs.tracking import plot_images
 from mergekit_sae.records import (
@@ -39,20 +39,6 @@ from mergekit_sae.search.oneshot import STATIC_MERGES, static_record
 from mergekit_sae.sparsity import sparsity_from_stats
 
 REBUILT_DIR = "rebuilt"  # OUT/.work/rebuilt/: evicted members rebuilt for the test report
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
-WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 
 
 def best_member(ctx: RunContext, state: RunState) -> Member:
@@ -149,28 +135,6 @@ def report(
     bar.update(1)
     bar.close()
     return rows
-
-
-def model_files(folder: Path) -> list[Path]:
-    """The weight shards, weight index and configuration files of a model folder."""
-    names = [
-        p
-        for p in sorted(folder.iterdir())
-        if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name in WEIGHT_INDEXES)
-    ]
-    return names + [folder / n for n in CONFIG_FILES if (folder / n).is_file()]
-
-
-def write_model(best_dir: Path, tokenizer_dir: Path, out: Path) -> list[Path]:
-    """Replace the model files in OUT/ by the best model's and the tokenizer, as one set.
-
-    Model and tokenizer files of an earlier write that the new set lacks (other shards) go.
-    """
-    sources = model_files(best_dir)
-    sources += [tokenizer_dir / n for n in TOKENIZER_FILES if (tokenizer_dir / n).is_file()]
-    old = [p.name for p in model_files(out)] if out.is_dir() else []
-    old += [n for n in TOKENIZER_FILES if (out / n).is_file()]
-    return replace_files(out, sources, remove=old)
 
 
 def card_settings(ctx: RunContext) -> dict[str, object]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from mergekit_sae.atomic import write_text
+from mergekit_sae.outputs.plots import save_figure
 from mergekit_sae.records import Member, performance
 
 PARETO_CSV = "pareto.csv"
@@ -210,8 +211,6 @@ def write_front(
     chosen: str | None,
 ) -> list[Path]:
     """Write ``OUT/pareto.csv`` (every front member) and ``OUT/pareto.png``."""
-    from mergekit_sae.outputs.plots import save_figure
-
     table = write_text(out / PARETO_CSV, csv_text(points_on_front, test, tasks, weights))
     image = save_figure(plot_front(candidates, points_on_front, chosen), out / PARETO_PNG)
     return [Path(table), Path(image)]

@@ -22,10 +22,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import yaml
 
 from mergekit_sae.errors import PublishError
+from mergekit_sae.merging.recipes import render_recipe
+from mergekit_sae.recipe.loading import looks_like_path
 
 # fnmatch patterns, matched as huggingface_hub matches them (``*`` spans ``/``):
 # every hidden file or folder, at the top level or below it (this covers .git and .cache too).
@@ -97,8 +98,6 @@ def format_listing(files: Sequence[UploadFile]) -> str:
 
 def is_local_reference(reference: str) -> bool:
     """Whether a recipe's model reference is a local path rather than a Hub id."""
-    from mergekit_sae.recipe.schema import looks_like_path
-
     return looks_like_path(reference) or Path(reference).expanduser().is_dir()
 
 
@@ -150,8 +149,6 @@ def parent_ids(references: Sequence[str], explicit: Mapping[str, str]) -> dict[s
 
 def rewrite_recipe(recipe_text: str, mapping: Mapping[str, str]) -> str:
     """The lineage file with mapped model references (its header comment kept)."""
-    from mergekit_sae.merging.recipes import render_recipe
-
     documents = [doc for doc in yaml.safe_load_all(recipe_text) if isinstance(doc, dict)]
     for doc in documents:
         for entry in doc.get("models") or []:
@@ -238,19 +235,6 @@ def staged_folder(
         yield staged
 
 
-def parse_parent_ids(values: Sequence[str]) -> dict[str, str]:
-    """``LOCAL=owner/name`` options as a mapping; BadParameter on a malformed one."""
-    mapping = {}
-    for value in values:
-        local, sep, hub_id = value.partition("=")
-        if not sep or not local or hub_id.count("/") != 1 or not all(hub_id.split("/")):
-            raise click.BadParameter(
-                f"{value!r} is not of the form LOCAL=owner/name", param_hint="--parent-id"
-            )
-        mapping[local] = hub_id
-    return mapping
-
-
 def upload(
     folder: Path,
     repo_id: str,
@@ -272,54 +256,3 @@ def upload(
         ignore_patterns=list(EXCLUDE_PATTERNS),
     )
     return str(getattr(info, "commit_url", info))
-
-
-@click.command("publish")
-@click.argument("out", type=click.Path(path_type=Path, file_okay=False))
-@click.option("--repo-id", required=True, help="Target Hub repository, USER/NAME or ORG/NAME.")
-@click.option("--private", is_flag=True, help="Create the repository as private.")
-@click.option("--dry-run", is_flag=True, help="List the files that would be uploaded; no network.")
-@click.option("--token", default=None, help="Hub token (default: HF_TOKEN or the cached login).")
-@click.option("--commit-message", default=DEFAULT_COMMIT_MESSAGE, show_default=True)
-@click.option(
-    "--parent-id",
-    "parent_id",
-    multiple=True,
-    metavar="LOCAL=OWNER/NAME",
-    help="Hub id of a local model the lineage names (repeatable).",
-)
-@click.option(
-    "--allow-local-paths",
-    is_flag=True,
-    help="Publish a lineage that still names local paths (nobody else can rebuild it).",
-)
-def publish(
-    out: Path,
-    repo_id: str,
-    private: bool,
-    dry_run: bool,
-    token: str | None,
-    commit_message: str,
-    parent_id: tuple[str, ...],
-    allow_local_paths: bool,
-) -> None:
-    """Upload the evolved model in OUT/ (weights, tokenizer, card, recipe, plots) to the Hub."""
-    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise click.BadParameter(
-            f"{repo_id!r} is not of the form USER/NAME", param_hint="--repo-id"
-        )
-    explicit = parse_parent_ids(parent_id)
-    check_publishable(out)
-    files = upload_files(out)
-    mapping, texts = publish_rewrites(out, explicit, allow_local=allow_local_paths)
-    for local, hub_id in mapping.items():
-        click.echo(f"lineage: {local} -> {hub_id}")
-    if dry_run:
-        visibility = "private" if private else "public"
-        click.echo(f"Dry run: would upload to {repo_id} ({visibility}):")
-        click.echo(format_listing(files))
-        return
-    with contextlib.ExitStack() as stack:
-        folder = stack.enter_context(staged_folder(out, files, texts)) if texts else out
-        url = upload(folder, repo_id, private=private, token=token, commit_message=commit_message)
-    click.echo(f"Uploaded {len(files)} files to https://huggingface.co/{repo_id} ({url})")

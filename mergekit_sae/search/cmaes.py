@@ -46,6 +46,7 @@ import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
 from mergekit_sae.merging.per_tensor import conditional, layer_groups
+from mergekit_sae.merging.stream import open_model, tensor_names
 from mergekit_sae.records import Member, MergeInput, MergeRecord
 from mergekit_sae.search.base import Driver, Proposal, Search, SearchSettings
 
@@ -292,8 +293,6 @@ class CmaesSearch(Search):
     def groups(self, driver: Driver) -> list[list[str]]:
         """The layer groups of the experts' tensors (read from the weight index, cached)."""
         if self._groups is None:
-            from mergekit_sae.merging.stream import open_model, tensor_names
-
             ids = [*driver.parents, *([driver.base] if driver.base is not None else [])]
             paths = [Path(driver.members[i].path) for i in ids]
             names = tensor_names([open_model(p) for p in paths], paths)

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 
 import torch
 
+from mergekit_sae.evaluate import load_task
+
 EXPERT_MIN = 0.80  # each expert on its own task
 SPECIALISATION_GAP = 0.30  # the other expert is at least this much worse on a task
 
@@ -15,8 +17,6 @@ EXPERT_OF = {"math": "math", "multilingual": "multilingual"}
 
 def score_models(models: Mapping[str, torch.nn.Module], tokenizer, specs: Mapping[str, dict]):
     """Test accuracy of each model on each task, with `mergekit_sae.evaluate`'s scorers."""
-    from mergekit_sae.evaluate import load_task
-
     tasks = {name: load_task(spec) for name, spec in specs.items()}
     items = {name: task.items("test") for name, task in tasks.items()}
     table: dict[str, dict[str, float]] = {}
