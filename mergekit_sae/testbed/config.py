@@ -33,9 +33,9 @@ class TestbedConfig(BaseModel):
 
     seed: int = 0
     # model
-    architecture: Literal["llama", "qwen2"] = Field(
+    architecture: Literal["llama", "qwen3"] = Field(
         default="llama",
-        description="LlamaForCausalLM, or Qwen2ForCausalLM (biased q/k/v projections, tied "
+        description="LlamaForCausalLM, or Qwen3ForCausalLM (RMS-normed queries and keys, tied "
         "embeddings): a second architecture for checking results on another pair of experts",
     )
     hidden_size: int = Field(default=64, ge=8)

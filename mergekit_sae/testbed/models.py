@@ -1,4 +1,4 @@
-"""The testbed's models: a tiny Llama (or Qwen2) pretrained on generic text, two experts from it.
+"""The testbed's models: a tiny Llama (or Qwen3) pretrained on generic text, two experts from it.
 
 The base reads worked calculations and English statements and questions about the world; it
 knows arithmetic, the solution format and the facts, but has never seen a word problem or a
@@ -25,8 +25,8 @@ Log = Callable[[str], None]
 
 def new_model(config: TestbedConfig, tokenizer):
     """A randomly initialised causal LM of `config.architecture`, sized by `config` (seeded by
-    `config.seed`): Llama with untied embeddings, or Qwen2 with tied ones."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    `config.seed`): Llama with untied embeddings, or Qwen3 with tied ones."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     settings = dict(
         vocab_size=len(tokenizer),
@@ -41,8 +41,10 @@ def new_model(config: TestbedConfig, tokenizer):
         eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(config.seed)
-    if config.architecture == "qwen2":
-        return Qwen2ForCausalLM(Qwen2Config(**settings, tie_word_embeddings=True)).eval()
+    if config.architecture == "qwen3":
+        head_dim = config.hidden_size // config.num_heads
+        qwen3 = Qwen3Config(**settings, head_dim=head_dim, tie_word_embeddings=True)
+        return Qwen3ForCausalLM(qwen3).eval()
     return LlamaForCausalLM(LlamaConfig(**settings, tie_word_embeddings=False)).eval()
 
 
