@@ -13,7 +13,7 @@ from mergekit_sae.merging.recipes import RECIPE_FILE, run_recipe
 from mergekit_sae.recipe.loading import parse_recipe
 from mergekit_sae.recipe.schema import RecipeError
 from mergekit_sae.run import run
-from mergekit_sae.search import SEARCHES, search_class
+from mergekit_sae.search import search_class, search_names
 from mergekit_sae.search.base import Search
 from mergekit_sae.search.niches import flat_items, shared_fitness
 from mergekit_sae.search.sae import SaeSearch
@@ -145,7 +145,7 @@ def test_flat_items_weights_give_the_performance() -> None:
 
 
 def test_every_registered_search_implements_the_interface() -> None:
-    for name in SEARCHES:
+    for name in search_names():
         cls = search_class(name)
         assert issubclass(cls, Search) and cls.name == name
         cls.settings_model()  # every setting has a default

@@ -1,4 +1,5 @@
-"""The ``mergekit-sae`` command: wires subcommands that live beside the code they drive.
+"""The ``mergekit-sae`` command: every subcommand is one module of this package (``cli/``), or a
+plug-in's click command from the entry-point group ``mergekit_sae.commands``.
 
 Subcommands are imported only when invoked, so ``mergekit-sae --help`` stays fast. Every
 error reaches the user through one funnel (:meth:`LazyGroup.invoke`): the package's own
@@ -14,6 +15,7 @@ from typing import Any
 
 import click
 
+from mergekit_sae import plugins
 from mergekit_sae.errors import MergekitSaeError, is_out_of_space
 
 # name -> ("module:attribute", one-line help shown by `mergekit-sae --help`)
@@ -27,6 +29,18 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("mergekit_sae.cli.compare:compare", "Compare searches and one-shot merges."),
     "landscape": ("mergekit_sae.cli.landscape:landscape", "Loss and convexity maps of models."),
 }
+
+
+def plugin_commands() -> dict[str, Any]:
+    """Commands other packages declare (entry-point group ``mergekit_sae.commands``)."""
+    return {e.name: e for e in plugins.declared(plugins.COMMANDS) if e.name not in SUBCOMMANDS}
+
+
+def command_help(name: str) -> str:
+    """The one-line help of a command (a plug-in's is its value, so --help loads nothing)."""
+    if name in SUBCOMMANDS:
+        return SUBCOMMANDS[name][1]
+    return f"(plug-in: {plugin_commands()[name].value})"
 
 
 class CommandError(click.ClickException):
@@ -94,16 +108,17 @@ class LazyGroup(click.Group):
         return f"; {verb} with --resume" if resumable else ""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(SUBCOMMANDS)
+        return sorted({*SUBCOMMANDS, *plugin_commands()})
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name not in SUBCOMMANDS:
-            return None
-        module_name, attr = SUBCOMMANDS[cmd_name][0].split(":")
-        return getattr(importlib.import_module(module_name), attr)
+        if cmd_name in SUBCOMMANDS:
+            module_name, attr = SUBCOMMANDS[cmd_name][0].split(":")
+            return getattr(importlib.import_module(module_name), attr)
+        entry = plugin_commands().get(cmd_name)
+        return plugins.load(entry) if entry is not None else None
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        rows = [(name, SUBCOMMANDS[name][1]) for name in self.list_commands(ctx)]
+        rows = [(name, command_help(name)) for name in self.list_commands(ctx)]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 

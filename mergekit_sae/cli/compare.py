@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from mergekit_sae.cli.progress import silence_progress_bars
-from mergekit_sae.compare.plan import DEFAULT_METHODS
+from mergekit_sae.compare.plan import DEFAULT_METHODS, ONE_SHOTS, searches
 from mergekit_sae.errors import UsageError
 
 # Options that change how a comparison runs, not what it computes: left out of the record.
@@ -29,8 +29,8 @@ def command_line() -> str:
     "--methods",
     default=DEFAULT_METHODS,
     show_default=True,
-    help="Comma-separated searches (sae, pso, m2n2, cmaes) and one-shot merges (linear, "
-    "task_arithmetic, ties, dare_ties, sce, scf_rkl, scf_rkl_functional, sae_oneshot).",
+    help=f"Comma-separated searches ({', '.join(searches())}) and one-shot merges "
+    f"({', '.join(ONE_SHOTS)}).",
 )
 @click.option(
     "--seeds",

@@ -148,7 +148,9 @@ class Recipe(BaseModel):
         le=100.0,
         description="accuracy points allowed below the best (sparsest_within)",
     )
-    search: str = Field("sae", description="the search: sae, pso, m2n2 or cmaes")
+    search: str = Field(
+        "sae", description="a registered search (mergekit_sae.search.search_names())"
+    )
     budget: int | None = Field(
         None, ge=1, description="fitness evaluations allowed (None: what `steps` take)"
     )
