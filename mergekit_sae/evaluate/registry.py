@@ -9,7 +9,10 @@ one new module and no other edit.
 
 The built-in types (``exact_match``, ``text_match``, ``multiple_choice``, ``lm_eval_task``)
 register when ``mergekit_sae.evaluate`` is imported, which any import of one of its modules does
-first.
+first. Types of other distributions are found through the entry-point group
+``mergekit_sae.task_types``: each entry point is named after its type and its value names a
+:class:`TaskType` object (``word_count = my_tasks.word_count:TASK_TYPE``). They are loaded once,
+the first time the registry is read (:func:`task_type`, :func:`task_types`).
 
 This module imports no other module of the package except its error types, so type modules
 import it freely.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint, entry_points
 from types import MappingProxyType
 from typing import Any
 
@@ -26,6 +30,7 @@ from pydantic import BaseModel, ConfigDict
 
 from mergekit_sae.errors import PluginError
 
+ENTRY_POINT_GROUP = "mergekit_sae.task_types"
 JsonKind = type | tuple[type, ...]
 
 
@@ -65,12 +70,15 @@ class TaskType:
 
 
 _REGISTRY: dict[str, TaskType] = {}
+_OWNERS: dict[str, str] = {}
+_plugins_loaded = False
 
 
-def register_task_type(kind: TaskType) -> TaskType:
-    """Add a task type; a name registered twice is an error (as in MergeKit's method registry).
+def register_task_type(kind: TaskType, *, owner: str | None = None) -> TaskType:
+    """Add a task type; a name registered twice is an error naming both owners.
 
-    The same object registered again (a module imported twice) is accepted.
+    ``owner`` says where the type comes from in errors (default: its scorer's module). The
+    same object registered again (a module imported twice) is accepted.
     """
     model = kind.settings_model
     if not (isinstance(model, type) and issubclass(model, TaskSettings)):
@@ -78,9 +86,17 @@ def register_task_type(kind: TaskType) -> TaskType:
             f"task type {kind.name!r}: settings_model must be a subclass of "
             f"mergekit_sae.evaluate.TaskSettings, got {model!r}"
         )
-    if kind.name in _REGISTRY and _REGISTRY[kind.name] is not kind:
-        raise PluginError(f"task type {kind.name!r} is already registered")
+    existing = _REGISTRY.get(kind.name)
+    if existing is kind:
+        return kind
+    owner = owner or getattr(kind.task_class, "__module__", repr(kind.task_class))
+    if existing is not None:
+        raise PluginError(
+            f"task type {kind.name!r} is already registered by {_OWNERS[kind.name]}; "
+            f"{owner} registers it again"
+        )
     _REGISTRY[kind.name] = kind
+    _OWNERS[kind.name] = owner
     return kind
 
 
@@ -93,5 +109,47 @@ def task_type(name: str) -> TaskType:
 
 
 def task_types() -> Mapping[str, TaskType]:
-    """Every registered task type by name, in registration order (a read-only view)."""
+    """Every registered task type by name, plug-ins included (a read-only view)."""
+    load_plugins()
     return MappingProxyType(_REGISTRY)
+
+
+def load_plugins() -> None:
+    """Register the task types of the ``mergekit_sae.task_types`` entry points, once.
+
+    A plug-in that fails leaves the plug-ins unloaded, so the next read fails the same way.
+    """
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True  # a plug-in reading the registry while it loads sees the built-ins
+    try:
+        for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+            register_task_type(plugin_task_type(entry_point), owner=describe(entry_point))
+    except PluginError:
+        _plugins_loaded = False
+        raise
+
+
+def plugin_task_type(entry_point: EntryPoint) -> TaskType:
+    """The TaskType an entry point names; a PluginError naming it and its distribution."""
+    where = describe(entry_point)
+    try:
+        kind = entry_point.load()
+    except Exception as error:  # any failure of third-party code is reported the same way
+        raise PluginError(f"{where} failed to load: {type(error).__name__}: {error}") from error
+    if not isinstance(kind, TaskType):
+        raise PluginError(
+            f"{where} names a {type(kind).__name__}, not a mergekit_sae.evaluate.TaskType"
+        )
+    if kind.name != entry_point.name:
+        raise PluginError(f"{where} names task type {kind.name!r}; name the entry point after it")
+    return kind
+
+
+def describe(entry_point: EntryPoint) -> str:
+    """An entry point as errors name it: its line and the distribution that declares it."""
+    dist = entry_point.dist
+    source = "an unknown distribution" if dist is None else f"{dist.name} {dist.version}"
+    line = f"{entry_point.name} = {entry_point.value}"
+    return f"entry point '{line}' ({ENTRY_POINT_GROUP}) of {source}"
