@@ -11,6 +11,9 @@ A package extends mergekit-sae by declaring entry points in its own ``pyproject.
     [project.entry-points."mergekit_sae.commands"]
     my-command = "my_package.cli:my_command"           # a click command
 
+    [project.entry-points."mergekit_sae.task_types"]
+    my_task = "my_package.task:TASK_TYPE"              # an evaluate TaskType
+
 Each group's registry reads its entry points once, on first use, and loads an entry point only
 when its object is needed. A plug-in that fails to load is reported with its entry point and
 the distribution that declares it.
@@ -22,11 +25,12 @@ from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-from mergekit_sae.errors import ConfigError
+from mergekit_sae.errors import PluginError
 
 SEARCHES = "mergekit_sae.searches"
 MERGE_METHODS = "mergekit_sae.merge_methods"
 COMMANDS = "mergekit_sae.commands"
+TASK_TYPES = "mergekit_sae.task_types"
 
 
 @cache
@@ -36,18 +40,19 @@ def declared(group: str) -> tuple[EntryPoint, ...]:
 
 
 def describe(entry: EntryPoint) -> str:
-    """``name = value`` of an entry point, with the distribution that declares it."""
-    owner = f" (from {entry.dist.name} {entry.dist.version})" if entry.dist else ""
-    return f"entry point {entry.name} = {entry.value} in group {entry.group}{owner}"
+    """An entry point as errors name it: its line, its group and the distribution declaring it."""
+    dist = entry.dist
+    source = "an unknown distribution" if dist is None else f"{dist.name} {dist.version}"
+    return f"entry point '{entry.name} = {entry.value}' ({entry.group}) of {source}"
 
 
 def load(entry: EntryPoint) -> Any:
-    """The object an entry point names; ConfigError naming it when it does not load."""
+    """The object an entry point names; PluginError naming it when it does not load."""
     try:
         return entry.load()
-    except Exception as error:
-        raise ConfigError(
-            f"plug-in {describe(entry)} failed to load: {type(error).__name__}: {error}"
+    except Exception as error:  # any failure of third-party code is reported the same way
+        raise PluginError(
+            f"{describe(entry)} failed to load: {type(error).__name__}: {error}"
         ) from error
 
 

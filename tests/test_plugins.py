@@ -1,9 +1,10 @@
-"""Extension by registration from outside the package: a search, a merge method and a command,
-declared as entry points of a distribution, run through evolve, compare, mergekit-yaml and the
-CLI with no edit to mergekit_sae."""
+"""Extension by registration from outside the package: a search, a merge method, a task type and
+a command, declared as entry points of a distribution, run through evolve, compare,
+mergekit-yaml and the CLI with no edit to mergekit_sae."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,7 +20,8 @@ from mergekit_sae import plugins
 from mergekit_sae.cli import main
 from mergekit_sae.compare.plan import parse_methods
 from mergekit_sae.compare.run import Comparison, compare
-from mergekit_sae.errors import ConfigError
+from mergekit_sae.errors import PluginError
+from mergekit_sae.evaluate import registry
 from mergekit_sae.recipe.loading import parse_recipe
 from mergekit_sae.run import run
 from mergekit_sae.search import search_class, search_names
@@ -27,6 +29,7 @@ from mergekit_sae.search import search_class, search_names
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 DEMO = Path(__file__).parent / "plugin_demo"
+TESTS = Path(__file__).parent  # plugin_task_type.py: the task type `word_count`
 ENTRY_POINTS = """\
 [mergekit_sae.searches]
 scale_sweep = sae_plugin_demo:ScaleSweep
@@ -36,6 +39,9 @@ demo_scaled_mean = sae_plugin_demo:demo_scaled_mean
 
 [mergekit_sae.commands]
 hello = sae_plugin_demo:hello
+
+[mergekit_sae.task_types]
+word_count = plugin_task_type:TASK_TYPE
 """
 
 
@@ -52,8 +58,12 @@ def distribution(root: Path, entry_points: str) -> Path:
 def installed(tmp_path: Path, monkeypatch) -> Path:
     """The demo plug-in importable and its distribution visible, in this process."""
     site = distribution(tmp_path / "site", ENTRY_POINTS)
+    monkeypatch.syspath_prepend(str(TESTS))
     monkeypatch.syspath_prepend(str(DEMO))
     monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_OWNERS", dict(registry._OWNERS))
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
     plugins.forget()
     yield site
     plugins.forget()
@@ -100,13 +110,21 @@ def test_evolve_runs_the_plugin_search_and_method(installed, tmp_path: Path, par
         assert torch.allclose(tensor, (a[name] + b[name]) / 2 * scale, atol=1e-6), name
 
 
-def test_compare_runs_the_plugin_search(installed, tmp_path: Path, parents) -> None:
+def test_compare_runs_the_plugin_search_on_a_plugin_task(installed, tmp_path: Path, parents):
+    """A plug-in search, merge method and task type through `compare` and the resident
+    evaluator: word_count scores an item 1 when its prompt has `count` words."""
+    items = [{"prompt": "a b c", "count": 3}, {"prompt": "a b", "count": 3}]
+    files = {}
+    for split in ("train", "test"):
+        files[split] = tmp_path / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps(item) + "\n" for item in items))
+    task = {"name": "counting", "type": "word_count", **{k: str(v) for k, v in files.items()}}
     path = tmp_path / "recipe.yml"
-    path.write_text(yaml.safe_dump(recipe(parents)))
+    path.write_text(yaml.safe_dump({**recipe(parents), "tasks": [task]}))
     comparison = Comparison(recipe=path, methods=["scale_sweep", "linear"], seeds=1, budget=2)
-    rows = compare(comparison, tmp_path / "cmp", progress=False,
-                   make_evaluator=lambda r, i: FakeEvaluator())  # fmt: skip
+    rows = compare(comparison, tmp_path / "cmp", progress=False)
     assert [(r.method, r.evaluations) for r in rows] == [("scale_sweep", 2), ("linear", 0)]
+    assert [r.scores["counting"] for r in rows] == [0.5, 0.5]
 
 
 def test_plain_mergekit_yaml_runs_the_plugin_method(installed, tmp_path: Path, parents) -> None:
@@ -140,7 +158,7 @@ def test_a_broken_plugin_names_its_entry_point(tmp_path: Path, monkeypatch) -> N
     plugins.forget()
     try:
         assert "broken" in search_names()
-        with pytest.raises(ConfigError, match=r"broken = no_such_module:Thing .*sae-plugin-demo"):
+        with pytest.raises(PluginError, match=r"'broken = no_such_module:Thing'.* sae-plugin-demo"):
             search_class("broken")
     finally:
         plugins.forget()
