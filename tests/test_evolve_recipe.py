@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -186,7 +187,8 @@ def test_every_shipped_evolve_recipe_validates(tmp_path: Path, path: Path) -> No
             if split in task:
                 stand_in = tmp_path / task["name"] / f"{split}.jsonl"
                 stand_in.parent.mkdir(exist_ok=True)
-                stand_in.write_text('{"prompt": "q", "answer": "1", "choices": ["a"], "label": 0}\n')
+                item = {"prompt": "q", "answer": "1", "choices": ["a"], "label": 0}
+                stand_in.write_text(json.dumps(item) + "\n")
                 task[split] = str(stand_in)
     recipe = parse_recipe(data, str(path))
     assert recipe.tasks and recipe.search in ("sae", "m2n2", "pso", "cmaes", "oneshot")
