@@ -39,19 +39,14 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-from mergekit_sae.merging.stream import open_model, tensor_names
 from mergekit_sae.records import Member
 from mergekit_sae.search.base import Driver, Proposal, Result, Search, SearchSettings
 from mergekit_sae.search.niches import (
     attraction,
     best_index,
-    crossover_record,
-    crossover_units,
     draw,
-    draw_crossover,
     flat_items,
     item_fitness,
     shared_fitness,
@@ -62,8 +57,9 @@ from mergekit_sae.search.sae_operators import (
     make_initial_archive,
     offspring_record,
     original_parents,
-    prune_record,
+    read_units,
     scf_rkl_offspring_record,
+    slerp_offspring,
 )
 from mergekit_sae.search.sae_settings import SaeSettings, SaeState, SparsityTerm
 
@@ -219,8 +215,7 @@ class SaeSearch(Search):
         """The initial archive (scored in step 1) and, for SLERP, the crossover units."""
         self.state.archive = make_initial_archive(self.recipe, self.settings, driver)
         if self.settings.crossover == "slerp":
-            path = Path(driver.members[driver.parents[0]].path)
-            self.state.units = crossover_units(tensor_names([open_model(path)], [path]))
+            self.state.units = read_units(driver)
 
     def step(self, driver: Driver, step: int) -> None:
         """Score the archive on a new draw of items, then make the step's children in turn."""
@@ -305,7 +300,18 @@ class SaeSearch(Search):
         child_density = 1.0 - rate if settings.prune_child else 1.0
         label = f"rate {rate:.4f}"
         if settings.crossover == "slerp":
-            return self.slerp_child(driver, step, index, pair, parent_density, child_density)
+            rng = driver.rng(step, "sae", index, "crossover")
+            proposal = slerp_offspring(
+                driver,
+                self.recipe,
+                pair,
+                self.state.units,
+                rng,
+                parent_density=parent_density,
+                child_density=child_density,
+            )
+            made = driver.make([proposal])
+            return made[0] if made else None
         if settings.crossover == "scf_rkl":
             record = scf_rkl_offspring_record(parents, list(totals), rate, driver.dtype)
         else:
@@ -319,37 +325,6 @@ class SaeSearch(Search):
                 dtype=driver.dtype,
             )
         made = driver.make([Proposal(record, "offspring", pair, label)])
-        return made[0] if made else None
-
-    def slerp_child(
-        self,
-        driver: Driver,
-        step: int,
-        index: int,
-        pair: tuple[str, str],
-        parent_density: float,
-        child_density: float,
-    ) -> Result | None:
-        """M2N2's split-point SLERP of the (pruned) pair, then the child's pruning."""
-        recipe, dtype = self.recipe, driver.dtype
-        ends = list(pair)
-        if parent_density < 1.0:
-            stages = [
-                Proposal(prune_record(i, 1.0 - parent_density, recipe, dtype), "pruned", (i,))
-                for i in pair
-            ]
-            ends = [made.member.id for made in driver.make(stages, score=False)]
-        split, w = draw_crossover(self.state.units, driver.rng(step, "sae", index, "crossover"))
-        record = crossover_record(ends[0], ends[1], self.state.units, split, w, dtype)
-        label = f"slerp w={w:.4f}"
-        crossed = Proposal(record, "offspring", tuple(ends), label)
-        if child_density >= 1.0:
-            made = driver.make([crossed])
-            return made[0] if made else None
-        blend_stage = Proposal(record, "crossover", tuple(ends), label)
-        (blend,) = driver.make([blend_stage], score=False)
-        pruned = prune_record(blend.member.id, 1.0 - child_density, recipe, dtype)
-        made = driver.make([Proposal(pruned, "offspring", (blend.member.id,), label)])
         return made[0] if made else None
 
     def admit(

@@ -11,8 +11,10 @@ Step t (1-based), with pruning rate r_t = the schedule at t - 1:
    score it, and let it replace the worst member when its fitness (performance + weight *
    global sparsity, :func:`plain_fitness`) is strictly higher (:func:`replacement_slot`).
 
-Items are drawn afresh every step. With ``crossover: scf_rkl`` step 3's offspring is instead the
-``scf_rkl`` merge of the pair (the fitter member anchors, fused density r_t, not pruned). With
+Items are drawn afresh every step. With ``crossover: slerp`` the offspring is M2N2's split-point
+SLERP of the pair, pruned at r_t (a ``sae_prune`` stage of the blend); with ``crossover:
+scf_rkl`` it is the ``scf_rkl`` merge of the pair (the fitter member anchors, fused density r_t,
+not pruned). With
 ``fitness: shared`` the replacement compares M2N2's shared fitness (exponent ``alpha``) over
 the step's per-item scores of the population and the child. The answer is the living member of
 highest plain fitness.
@@ -31,7 +33,9 @@ from mergekit_sae.search.sae_operators import (
     make_initial_archive,
     offspring_record,
     original_parents,
+    read_units,
     scf_rkl_offspring_record,
+    slerp_offspring,
 )
 from mergekit_sae.search.sae_settings import SaeSettings, SaeState
 
@@ -78,8 +82,10 @@ class SaeGaSearch(Search):
         return step
 
     def start(self, driver: Driver) -> None:
-        """The initial population."""
+        """The initial population (and, for SLERP, the crossover units)."""
         self.state.archive = make_initial_archive(self.recipe, self.settings, driver)
+        if self.settings.crossover == "slerp":
+            self.state.units = read_units(driver)
 
     def fitness_of(self, member: Member) -> float:
         """Plain fitness: performance + weight * global sparsity."""
@@ -104,9 +110,12 @@ class SaeGaSearch(Search):
             return  # the budget ran out while scoring the population
         rows = {r.member.id: r.item_scores for r in scored}
         driver.note(fitness_before={i: float(driver.members[i].fitness) for i in population})
+        pairs = random_pairs(population, driver.rng(step, "pairs"))
+        left = driver.budget_left
+        affordable = pairs if left is None else pairs[:left]
         proposals = [
-            self.offspring(driver, (first, second), rate)
-            for first, second in random_pairs(population, driver.rng(step, "pairs"))
+            self.offspring(driver, pair, rate, driver.rng(step, "pairs", index, "crossover"))
+            for index, pair in enumerate(affordable)
         ]
         for child in driver.make(proposals):
             child.member.fitness = self.fitness_of(child.member)
@@ -116,9 +125,16 @@ class SaeGaSearch(Search):
                 population[slot] = child.member.id
                 rows[child.member.id] = child.item_scores
 
-    def offspring(self, driver: Driver, ids: tuple[str, str], rate: float) -> Proposal:
-        """The proposal of one pair's offspring at the step's rate."""
+    def offspring(
+        self, driver: Driver, ids: tuple[str, str], rate: float, rng: random.Random
+    ) -> Proposal:
+        """The proposal of one pair's offspring at the step's rate (a SLERP blend is made now)."""
         pair = [driver.members[i] for i in ids]
+        if self.settings.crossover == "slerp":
+            units = self.state.units
+            return slerp_offspring(
+                driver, self.recipe, ids, units, rng, parent_density=1.0, child_density=1.0 - rate
+            )
         if self.settings.crossover == "scf_rkl":
             fitness = [float(m.fitness or 0.0) for m in pair]
             record = scf_rkl_offspring_record(pair, fitness, rate, driver.dtype)

@@ -100,7 +100,7 @@ class SparsityTerm(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     form: SparsityForm = Field("linear", description="linear in zeros, or softmax over the archive")
-    weight: NonNegative = Field(0.1, description="beta: the term's weight (the fitness weighs 1)")
+    weight: NonNegative = Field(0.02, description="beta: the term's weight (the fitness weighs 1)")
     temperature: float = Field(1.0, gt=0.0, description="softmax temperature tau")
     max_zeros: Fraction | None = Field(
         None, description="cap: members with more zeros are evicted first (None: no cap)"
@@ -122,9 +122,9 @@ class SaeSettings(SearchSettings):
     )
     sparsity_term: SparsityTerm = Field(default_factory=SparsityTerm)
     crossover: Crossover = Field(
-        "sae_evolve",
-        description="offspring operator: sae_evolve (eq. 5), slerp (M2N2's split point; "
-        "niches only), scf_rkl (fitter parent anchors)",
+        "slerp",
+        description="offspring operator: sae_evolve (eq. 5), slerp (M2N2's split point), "
+        "scf_rkl (fitter parent anchors)",
     )
     merge: SaeMergeSettings = Field(default_factory=SaeMergeSettings)
     children_per_step: int = Field(
@@ -157,8 +157,6 @@ class SaeSettings(SearchSettings):
                 f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not read under "
                 f"framework {self.framework!r}"
             )
-        if self.framework == "ga" and self.crossover == "slerp":
-            raise ValueError("crossover 'slerp' needs framework 'niches'")
         if self.fitness == "shared" and not self.rescore:
             raise ValueError("fitness 'shared' needs rescore: true")
         return self
