@@ -13,7 +13,7 @@ from mergekit_sae.merging.recipes import RECIPE_FILE, recipe_documents, run_reci
 from mergekit_sae.recipe.loading import parse_recipe
 from mergekit_sae.records import lineage
 from mergekit_sae.run import run
-from mergekit_sae.search.niches import attraction, item_fitness
+from mergekit_sae.search.niches import attraction, fate, item_fitness, place_child
 from mergekit_sae.search.sae import (
     EXCLUDED,
     SaeSearch,
@@ -308,3 +308,13 @@ def test_the_answer_rebuilds_with_mergekit(tmp_path: Path, models, crossover) ->
     assert_identical(tmp_path / "run", rebuilt)
     zeros = sum(int((t == 0).sum()) for t in load_weights(rebuilt).values())
     assert zeros == 0  # pruning the task vectors leaves the base's (non-zero) values
+
+
+def test_place_child_appends_replaces_or_rejects() -> None:
+    archive, rows = ["a", "b"], {"a": [1.0], "b": [0.0]}
+    assert place_child(archive, rows, "c", [0.5], 2) is None and archive == ["a", "b", "c"]
+    assert fate(2, None) == "joined" and rows["c"] == [0.5]
+    assert place_child(archive, rows, "d", [0.7], 1) == "b" and archive == ["a", "d", "c"]
+    assert "b" not in rows and rows["d"] == [0.7] and fate(1, "b") == "replaced b"
+    assert place_child(archive, rows, "e", [0.0], None) is None and "e" not in rows
+    assert archive == ["a", "d", "c"] and fate(None, None) == "rejected"

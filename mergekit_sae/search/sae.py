@@ -47,8 +47,10 @@ from mergekit_sae.search.niches import (
     attraction,
     best_index,
     draw,
+    fate,
     flat_items,
     item_fitness,
+    place_child,
     shared_fitness,
     worst_index,
 )
@@ -61,7 +63,7 @@ from mergekit_sae.search.sae_operators import (
     scf_rkl_offspring_record,
     slerp_offspring,
 )
-from mergekit_sae.search.sae_settings import SaeSettings, SaeState, SparsityTerm
+from mergekit_sae.search.sae_settings import SaeBase, SaeSettings, SparsityTerm
 
 EXCLUDED = float("-inf")  # the total score of a member over the max_zeros cap
 
@@ -170,15 +172,8 @@ def result_index(
 # --- the search -------------------------------------------------------------------------------
 
 
-class SaeSearch(Search):
-    """SAE on natural niches: competition, attraction, pruning as mutation, eq. 5 offspring."""
-
-    name = "sae"
-    title = "Sparsity-Aware Evolution ([SAE](https://arxiv.org/abs/2602.08218))"
-    settings_model = SaeSettings
-    state_model = SaeState
-    settings: SaeSettings
-    state: SaeState
+class SaeSearch(SaeBase):
+    """SAE on natural niches: competition, attraction, pruning as mutation, SLERP or eq. 5."""
 
     @classmethod
     def create(cls, recipe: Any, settings: SearchSettings, state: Any = None) -> Search:
@@ -332,25 +327,17 @@ class SaeSearch(Search):
     ) -> dict[str, Any]:
         """Let the child join the archive (evicting the lowest total) or be rejected."""
         state = self.state
-        self.store_row(driver, child)
+        row = self.store_row(driver, child)  # the totals below read it
         ids = [*state.archive, child.member.id]
         child.member.fitness = self.answer_scores(driver, ids)[-1]
         slot = eviction_slot(self.totals(driver, ids), self.settings.archive_size)
-        outcome: dict[str, Any] = {"id": child.member.id, "parents": list(pair), "rate": rate}
-        if slot is None:
-            del state.rows[child.member.id]
-            outcome["fate"] = "rejected"
-        elif slot == len(state.archive):
-            state.archive.append(child.member.id)
-            outcome["fate"] = "joined"
-        else:
-            dropped = state.archive[slot]
-            state.archive[slot] = child.member.id
-            del state.rows[dropped]
+        del state.rows[child.member.id]
+        dropped = place_child(state.archive, state.rows, child.member.id, row, slot)
+        if dropped is not None:
             driver.note(replacements={child.member.id: dropped})
-            outcome["fate"] = f"replaced {dropped}"
         self.set_fitness(driver)
-        return outcome
+        return {"id": child.member.id, "parents": list(pair), "rate": rate,
+                "fate": fate(slot, dropped)}  # fmt: skip
 
     def answer_scores(self, driver: Driver, ids: Sequence[str]) -> list[float]:
         """Performance + weight * sparsity term of scored members (no competition)."""
@@ -369,19 +356,6 @@ class SaeSearch(Search):
             member = driver.members[identifier]
             if member.performance is not None:
                 member.fitness = value
-
-    @property
-    def result_label(self) -> str:
-        """The evolved model's row label."""
-        return "SAE (evolved)"
-
-    def card_settings(self) -> dict[str, Any]:
-        """SAE's block and the run's steps."""
-        return {"search": self.name, "steps": self.recipe.steps, **self.settings.model_dump()}
-
-    def keep(self) -> list[str]:
-        """The archive."""
-        return list(self.state.archive)
 
     def best(self, members: Mapping[str, Member]) -> str:
         """The archive member of highest answer score (:func:`result_index`)."""

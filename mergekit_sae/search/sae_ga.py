@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mergekit_sae.records import Member
-from mergekit_sae.search.base import Driver, Proposal, Result, Search, SearchSettings
+from mergekit_sae.search.base import Driver, Proposal, Result, SearchSettings
 from mergekit_sae.search.niches import best_index, flat_items, shared_fitness, worst_index
 from mergekit_sae.search.sae_operators import (
     make_initial_archive,
@@ -37,7 +37,7 @@ from mergekit_sae.search.sae_operators import (
     scf_rkl_offspring_record,
     slerp_offspring,
 )
-from mergekit_sae.search.sae_settings import SaeSettings, SaeState
+from mergekit_sae.search.sae_settings import SaeBase, SaeSettings
 
 
 def plain_fitness(performance: float, sparsity: float, weight: float) -> float:
@@ -58,15 +58,10 @@ def replacement_slot(fitnesses: Sequence[float], candidate: float) -> int | None
     return slot if candidate > fitnesses[slot] else None
 
 
-class SaeGaSearch(Search):
+class SaeGaSearch(SaeBase):
     """The paper's section 2.1 loop: pair at random, merge, prune, replace the worst."""
 
-    name = "sae"
     title = "Sparsity-Aware Evolution ([SAE](https://arxiv.org/abs/2602.08218)), generational GA"
-    settings_model = SaeSettings
-    state_model = SaeState
-    settings: SaeSettings
-    state: SaeState
 
     @classmethod
     def natural_budget(cls, recipe: Any, settings: SearchSettings) -> int | None:
@@ -172,19 +167,6 @@ class SaeGaSearch(Search):
         values = [f + beta * m.sparsity for f, m in zip(shared, candidates, strict=True)]
         slot = worst_index(values[:-1])
         return slot if values[-1] > values[slot] else None
-
-    @property
-    def result_label(self) -> str:
-        """The evolved model's row label."""
-        return "SAE (evolved)"
-
-    def card_settings(self) -> dict[str, Any]:
-        """SAE's block and the run's steps."""
-        return {"search": self.name, "steps": self.recipe.steps, **self.settings.model_dump()}
-
-    def keep(self) -> list[str]:
-        """The living population."""
-        return list(self.state.archive)
 
     def best(self, members: Mapping[str, Member]) -> str:
         """The living member of highest plain fitness (earliest in archive order on ties)."""

@@ -1,4 +1,4 @@
-"""SAE's own recipe block (``sae:``): framework, archive, schedule, total score, operators.
+"""SAE's own recipe block (``sae:``), its state, and the search base both frameworks share.
 
 Everything SAE-shaped lives here; the run-wide settings every search shares (``prune_target``,
 ``sparsity_measure``, ``dtype``, ``device``, ``budget``, ``steps``) stay at the recipe's top
@@ -21,7 +21,7 @@ from mergekit_sae.domains import (
     SparsityScope,
     check_schedule,
 )
-from mergekit_sae.search.base import SearchSettings
+from mergekit_sae.search.base import Search, SearchSettings
 from mergekit_sae.sparsity import cyclic_rate
 
 Framework = Literal["niches", "ga"]
@@ -189,3 +189,27 @@ class SaeState(BaseModel):
     draw: int = 0
     children: int = 0
     units: list[list[str]] = Field(default_factory=list)
+
+
+class SaeBase(Search):
+    """What SAE's two frameworks share: the name, the settings and state models, the labels."""
+
+    name = "sae"
+    title = "Sparsity-Aware Evolution ([SAE](https://arxiv.org/abs/2602.08218))"
+    settings_model = SaeSettings
+    state_model = SaeState
+    settings: SaeSettings
+    state: SaeState
+
+    @property
+    def result_label(self) -> str:
+        """The evolved model's row label."""
+        return "SAE (evolved)"
+
+    def card_settings(self) -> dict[str, Any]:
+        """SAE's block and the run's steps."""
+        return {"search": self.name, "steps": self.recipe.steps, **self.settings.model_dump()}
+
+    def keep(self) -> list[str]:
+        """The living archive."""
+        return list(self.state.archive)
