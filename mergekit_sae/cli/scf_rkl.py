@@ -39,19 +39,8 @@ def scf_rkl() -> None:
     """SCF-RKL helpers: functional importance and the global threshold."""
 
 
-def _roles(recipe: Path):
-    """Read the recipe's anchor and donors, as a click error when the recipe does not fit."""
-    from mergekit_sae.calibration.scf_rkl import ScfRklRecipeError, read_roles
-
-    try:
-        return read_roles(recipe)
-    except ScfRklRecipeError as error:
-        raise click.UsageError(str(error)) from error
-
-
 def _write_yaml(path: Path, recipe: dict) -> None:
     """Write a recipe mapping as YAML (atomically), creating the parent directory."""
-
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, yaml.safe_dump(recipe, sort_keys=False))
 
@@ -146,17 +135,9 @@ def importance(
 @click.argument("out_recipe", type=click.Path(dir_okay=False, path_type=Path))
 def threshold(recipe: Path, out_recipe: Path) -> None:
     """Compute the model-wide importance cut-off and write OUT_RECIPE with selection: global."""
-    from mergekit_sae.calibration.scf_rkl import (
-        ScfRklRecipeError,
-        recipe_with,
-    )
-
-    roles = _roles(recipe)
-    try:
-        settings = importance_settings(roles)
-        value, kept, total = global_threshold(roles, settings)
-    except (ScfRklRecipeError, ValueError, KeyError, FileNotFoundError) as error:
-        raise click.UsageError(str(error)) from error
+    roles = read_roles(recipe)
+    settings = importance_settings(roles)
+    value, kept, total = global_threshold(roles, settings)
     shared = {"selection": "global", "threshold": value}
     _write_yaml(out_recipe, recipe_with(roles.raw, shared=shared))
     click.echo(
