@@ -18,9 +18,10 @@ module takes the framework from the code and the offspring operator from the pap
   uniform draw, never from normalising negative scores.
 - **Parents** (:func:`choose_parents`): the first with probability proportional to the total
   score; the second by attraction to the first (M2N2's matchmaker), or by total score.
-- **Offspring**: ``crossover: sae_evolve`` is the paper's eq. 5 per-tensor merge of the pair
-  (parent scores plus sparsity signals, attraction, ``renormalize``, ``redense``), one MergeKit
-  stage; ``slerp`` is M2N2's split-point SLERP; ``scf_rkl`` fuses into the pair's fitter member.
+- **Offspring**: ``crossover: slerp`` (the default, chosen on held-out training items:
+  ``benchmarks/results/sae_defaults.md``) is M2N2's split-point SLERP; ``sae_evolve`` is the
+  paper's eq. 5 per-tensor merge of the pair (parent scores plus sparsity signals, attraction,
+  ``renormalize``, ``redense``), one MergeKit stage; ``scf_rkl`` fuses into the fitter member.
 - **Mutation**: magnitude pruning at the cyclic schedule's rate (its clock: the children made so
   far), applied to both parents before the merge and to the child (section 2.4). With
   ``sae_evolve`` both are densities of the one stage; with ``slerp`` they are ``sae_prune``
