@@ -36,6 +36,25 @@ def lr_at(step: int, stage: StageConfig) -> float:
     return stage.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def make_optimizer(model, stage: StageConfig) -> torch.optim.AdamW:
+    """The AdamW optimizer every testbed stage trains with."""
+    return torch.optim.AdamW(
+        model.parameters(), lr=stage.lr, betas=(0.9, 0.98), weight_decay=stage.weight_decay
+    )
+
+
+def train_step(model, optimizer, batch: dict[str, torch.Tensor], lr: float) -> float:
+    """One optimizer step at learning rate `lr` (gradients clipped to norm 1); the loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = model(**batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def train(
     model,
     tokenizer,
@@ -46,19 +65,11 @@ def train(
 ) -> list[float]:
     """Run `stage.steps` AdamW steps on batches from `draw_batch(batch_size)`; return the losses."""
     model.train()
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=stage.lr, betas=(0.9, 0.98), weight_decay=stage.weight_decay
-    )
+    optimizer = make_optimizer(model, stage)
     losses = []
     for step in range(stage.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, stage)
-        loss = model(**encode_batch(tokenizer, draw_batch(stage.batch_size))).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        batch = encode_batch(tokenizer, draw_batch(stage.batch_size))
+        losses.append(train_step(model, optimizer, batch, lr_at(step, stage)))
         if log and (step + 1) % max(1, stage.steps // 5) == 0:
             log(f"step {step + 1}/{stage.steps} loss {sum(losses[-20:]) / len(losses[-20:]):.3f}")
     model.eval()
