@@ -19,7 +19,7 @@ from mergekit_sae.errors import MergekitSaeError, is_out_of_space
 # name -> ("module:attribute", one-line help shown by `mergekit-sae --help`)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("mergekit_sae.merge_cli:merge", "Run a MergeKit YAML recipe (sae_evolve included)."),
-    "testbed": ("mergekit_sae.testbed.cli:testbed", "Build and inspect the embedded tiny testbed."),
+    "testbed": ("mergekit_sae.testbed.cli:testbed", "Build and inspect the testbeds."),
     "evolve": ("mergekit_sae.evolve.cli:evolve", "Run the sparsity-aware evolutionary search."),
     "publish": ("mergekit_sae.evolve.publish:publish", "Upload an evolved model to the Hub."),
     "export": ("mergekit_sae.evolve.export:export_command", "Rebuild any candidate of a run."),

@@ -43,11 +43,26 @@ def make_optimizer(model, stage: StageConfig) -> torch.optim.AdamW:
     )
 
 
-def train_step(model, optimizer, batch: dict[str, torch.Tensor], lr: float) -> float:
-    """One optimizer step at learning rate `lr` (gradients clipped to norm 1); the loss."""
+def target_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The causal LM loss of `model(**batch).loss`, with the output head applied only where
+    a label is set (a large vocabulary's head is a fifth of a small model's compute)."""
+    hidden = model.base_model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
+
+
+def train_step(
+    model, optimizer, batch: dict[str, torch.Tensor], lr: float, *, targets_only: bool = False
+) -> float:
+    """One optimizer step at learning rate `lr` (gradients clipped to norm 1); the loss.
+    `targets_only` computes the loss with `target_loss`."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss = model(**batch).loss
+    loss = target_loss(model, batch) if targets_only else model(**batch).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
