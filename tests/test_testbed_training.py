@@ -4,31 +4,16 @@ loss, and a stage's batches depend only on (seed, stage, step)."""
 from __future__ import annotations
 
 import torch
+from tiny_models import make_llama
 
 from mergekit_sae.testbed.checkpointed import step_batch
 from mergekit_sae.testbed.train import target_loss
 
 
-def tiny_llama(vocab: int = 50):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config)
-
-
 def test_targets_only_loss_is_the_causal_lm_loss():
-    model = tiny_llama()
+    model = make_llama(0, tie_word_embeddings=True)
     g = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(0, 50, (3, 9), generator=g)
+    input_ids = torch.randint(0, 64, (3, 9), generator=g)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[2, 6:] = 0  # a right-padded row
     labels = torch.full_like(input_ids, -100)
