@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,3 +161,24 @@ def test_cli_builds_the_preset_and_refuses_gguf_for_tiny(gguf, tmp_path):
     assert info.exit_code == 0 and str(out / "multilingual") in info.output
     wrong = CliRunner().invoke(main, ["testbed", "build", "--gguf", str(gguf)])
     assert wrong.exit_code == 2 and "--gguf applies to --preset smollm2 only" in wrong.output
+
+
+def test_recipe_runs_on_the_built_testbed(built, tmp_path, monkeypatch):
+    """recipes/evolve_smollm2.yml, pointed at a built testbed, runs a search to its outputs."""
+    import yaml
+
+    from mergekit_sae.cli import main
+
+    out, _ = built
+    text = (Path(__file__).parent.parent / "recipes" / "evolve_smollm2.yml").read_text()
+    recipe = yaml.safe_load(text.replace("./testbed_smollm2", str(out)))
+    assert recipe["merge"] == {"prune_target": "delta"}
+    assert not {"population_size", "schedule", "fitness_sparsity_weight"} & set(recipe)
+    recipe |= {"search": "m2n2", "budget": 3, "steps": 1, "test_baselines": []}
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(main, ["evolve", str(path), str(tmp_path / "run"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").open()]
+    assert [record["evaluations"] for record in history] == [3]
+    assert (tmp_path / "run" / "model.safetensors").is_file()

@@ -126,14 +126,14 @@ class SmolLM2Config(BaseModel):
     )
     # math task (word problems)
     math_train: int = Field(default=2000, ge=1)
-    math_test: int = Field(default=80, ge=1)
+    math_test: int = Field(default=50, ge=1)
     max_new_tokens: int = Field(default=40, ge=8, description="generation budget of a solution")
     # multilingual task (country facts in invented languages)
-    n_test_countries: int = Field(default=8, ge=1, description="countries held out for the test")
+    n_test_countries: int = Field(default=6, ge=1, description="countries held out for the test")
     n_languages: int = Field(default=4, ge=1, description="invented languages of the questions")
     # training (full fine-tuning of every weight)
     math_expert: StageConfig = StageConfig(steps=100, lr=2e-4, batch_size=8, warmup=10)
-    multilingual_expert: StageConfig = StageConfig(steps=60, lr=2e-4, batch_size=8, warmup=10)
+    multilingual_expert: StageConfig = StageConfig(steps=140, lr=3e-4, batch_size=8, warmup=10)
     checkpoint_every: int = Field(
         default=25, ge=1, description="training steps between the checkpoints a resume starts at"
     )
