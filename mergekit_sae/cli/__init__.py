@@ -21,7 +21,7 @@ from mergekit_sae.errors import MergekitSaeError, is_out_of_space
 # name -> ("module:attribute", one-line help shown by `mergekit-sae --help`)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("mergekit_sae.cli.merge:merge", "Run a MergeKit YAML recipe (sae_evolve included)."),
-    "testbed": ("mergekit_sae.cli.testbed:testbed", "Build and inspect the embedded tiny testbed."),
+    "testbed": ("mergekit_sae.cli.testbed:testbed", "Build and inspect the testbeds."),
     "evolve": ("mergekit_sae.cli.evolve:evolve", "Run the sparsity-aware evolutionary search."),
     "publish": ("mergekit_sae.cli.publish:publish", "Upload an evolved model to the Hub."),
     "export": ("mergekit_sae.cli.export:export_command", "Rebuild any candidate of a run."),
