@@ -257,3 +257,19 @@ def test_merging_identical_models_returns_that_model(
         renormalize=renormalize,
     )
     torch.testing.assert_close(merged, tensor, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        (torch.bfloat16, torch.float16),
+        (torch.bfloat16, torch.bfloat16, torch.float32),
+        (torch.float16, torch.float64),
+    ],
+)
+def test_the_result_has_the_dtype_the_inputs_promote_to(dtypes):
+    tensors = [t.to(dtype) for t, dtype in zip(sparse_tensors(len(dtypes)), dtypes, strict=True)]
+    expected = dtypes[0]
+    for dtype in dtypes[1:]:
+        expected = torch.promote_types(expected, dtype)
+    assert sae_merge(tensors, [0.5] * len(tensors)).dtype == expected

@@ -33,7 +33,12 @@ from mergekit_sae.domains import (
     check_domain,
     choices,
 )
-from mergekit_sae.errors import MergeInputError
+from mergekit_sae.methods.kernel import (
+    check_tensors,
+    compute_dtype,
+    input_label,
+    promoted_dtype,
+)
 from mergekit_sae.sparsity import (
     CHUNK_ELEMENTS,
     EMPTY_STATS,
@@ -50,11 +55,6 @@ from mergekit_sae.sparsity import (
 SPARSITY_SCOPES = choices(SparsityScope)
 PRUNE_TARGETS = choices(PruneTarget)
 REDENSE_MODES = choices(Redense)
-
-
-def _label(input_id: object) -> str:
-    """How an input is named in error messages: its model path, or its position."""
-    return f"input {input_id}" if isinstance(input_id, int) else f"model {input_id}"
 
 
 def sae_mixing_weights(
@@ -82,38 +82,6 @@ def sae_mixing_weights(
     raw = [score + sparsity_weight * rho for score, rho in zip(scores, rhos, strict=True)]
     total = sum(raw)
     return [value / total for value in raw]
-
-
-def _compute_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
-    """float64 when any input is float64, float32 otherwise (like MergeKit's linear merge)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _check_tensors(tensors: Sequence[Tensor], labels: Sequence[str], name: str) -> None:
-    """Require equal shapes, floating point and finite values, naming the offending input."""
-    shapes = [tuple(t.shape) for t in tensors]
-    if len(set(shapes)) > 1:
-        described = ", ".join(
-            f"{label}: {shape}" for label, shape in zip(labels, shapes, strict=True)
-        )
-        raise MergeInputError(f"{name}: shape mismatch between models ({described})", tensor=name)
-    for label, tensor in zip(labels, tensors, strict=True):
-        if not tensor.is_floating_point():
-            raise TypeError(f"{name}: {label} is {tensor.dtype}, not a floating-point tensor")
-        if not _all_finite(tensor):
-            n_nan = int(torch.isnan(tensor).sum())
-            n_inf = int(torch.isinf(tensor).sum())
-            raise MergeInputError(
-                f"{name}: {label} contains {n_nan} NaN and {n_inf} Inf values", tensor=name
-            )
-
-
-def _all_finite(tensor: Tensor) -> bool:
-    """Whether every element is finite: a finite sum proves it (one fast reduction), and only
-    a non-finite sum (a NaN/Inf, or an overflowing sum) needs the elementwise check."""
-    if bool(torch.isfinite(tensor.sum())):
-        return True
-    return bool(torch.isfinite(tensor).all())
 
 
 def _per_model(values: Sequence | None, count: int, field: str, name: str) -> list | None:
@@ -202,14 +170,6 @@ def _task_part(tensor: Tensor, dtype: torch.dtype, origin: Tensor | None) -> Ten
     return part - origin if origin is not None else part
 
 
-def _promoted_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
-    """The dtype all inputs promote to (the dtype of the result)."""
-    dtype = tensors[0].dtype
-    for tensor in tensors[1:]:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
-
-
 def _attraction_mix(parts: Sequence[Tensor], weights: Sequence[float], renormalize: bool) -> Tensor:
     """Weighted sum; with renormalize, divide each position by the weight of its non-zeros.
 
@@ -273,9 +233,9 @@ def sae_merge(
     rhos = _global_rhos(sparsity_scope, global_sparsity, labels, name)
     extras = {"base_model": base, "dense reference": dense_reference}
     extras = {label: tensor for label, tensor in extras.items() if tensor is not None}
-    _check_tensors([*tensors, *extras.values()], [*labels, *extras], name)
+    check_tensors([*tensors, *extras.values()], [*labels, *extras], name)
 
-    dtype = _compute_dtype([*tensors, *extras.values()])
+    dtype = compute_dtype([*tensors, *extras.values()])
     plan = _MixPlan(tensors, dtype, base if prune_target == "delta" else None, dense_reference)
     with _kernel_threads(tensors[0].device):
         masks = [plan.parent_mask(i, d) for i, d in enumerate(densities)]
@@ -285,7 +245,7 @@ def sae_merge(
                 for i, (mask, density) in enumerate(zip(masks, densities, strict=True))
             ]
         weights = _mixing_weights(scores, rhos, sparsity_weight, labels, name)
-        return plan.mix(masks, weights, renormalize, offspring_density, _promoted_dtype(tensors))
+        return plan.mix(masks, weights, renormalize, offspring_density, promoted_dtype(tensors))
 
 
 # CPU threads for the chunked passes. Each chunk is small and memory-bound, so a parallel
@@ -508,7 +468,7 @@ def sae_evolve_merge(
             f"`redense: original` (redense is {redense!r})"
         )
     if references:
-        dtype = _compute_dtype([e.tensor for e in references])
+        dtype = compute_dtype([e.tensor for e in references])
         reference = torch.stack([e.tensor.to(dtype) for e in references]).mean(dim=0)
     result = sae_merge(
         [e.tensor for e in parents],
@@ -525,6 +485,6 @@ def sae_evolve_merge(
         redense=redense,
         dense_reference=reference,
         name=name,
-        labels=[_label(e.id) for e in parents],
+        labels=[input_label(e.id) for e in parents],
     )
     return result.to(group.entries[0].tensor.dtype)
