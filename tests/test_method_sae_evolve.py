@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mergekit.merge_methods import get, merge_tensors, registered_methods
 
+from mergekit_sae import parallel
 from mergekit_sae.methods import register_all
 from mergekit_sae.methods.sae_evolve import sae_merge, sae_mixing_weights
 
@@ -257,6 +258,146 @@ def test_merging_identical_models_returns_that_model(
         renormalize=renormalize,
     )
     torch.testing.assert_close(merged, tensor, rtol=1e-6, atol=1e-7)
+
+
+def stable_keep(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep mask of the k entries first in (larger magnitude, then earlier position) order."""
+    order = torch.sort(magnitudes.double(), descending=True, stable=True).indices
+    keep = torch.zeros(magnitudes.numel(), dtype=torch.bool)
+    keep[order[:k]] = True
+    return keep
+
+
+def whole_tensor_sae(
+    tensors, scores, *, densities, beta, measure, renormalize, base, offspring, reference
+):
+    """sae_merge written as whole-tensor passes: stable-sort selections, x * keep pruning,
+    eq. 5, where-based re-densing, the attraction mix and offspring pruning, in float32."""
+    flats = [t.flatten().float() for t in tensors]
+    origin = base.flatten().float() if base is not None else None
+    parts = [f - origin if origin is not None else f for f in flats]
+    pruned = []
+    for tensor, part, density in zip(tensors, parts, densities, strict=True):
+        magnitudes = (tensor.flatten() if origin is None else part).abs()
+        pruned.append(part * stable_keep(magnitudes, round(density * part.numel())))
+    rhos = []
+    for part in pruned:
+        n = part.numel()
+        if measure == "zero_count":
+            rhos.append(int((part == 0).sum()) / n)
+        else:  # Hoyer from float64 L1 and squared L2
+            l1, l2 = float(part.double().abs().sum()), float(part.double().square().sum())
+            rhos.append(min(1.0, max(0.0, (n**0.5 - l1 / l2**0.5) / (n**0.5 - 1.0))))
+    weights = eq5(scores, rhos, beta)
+    if reference is not None:
+        redense = reference.flatten().float()
+        redense = redense - origin if origin is not None else redense
+        pruned = [torch.where(part == 0, redense, part) for part in pruned]
+    total = torch.zeros_like(pruned[0])
+    present = torch.zeros_like(pruned[0])
+    for part, weight in zip(pruned, weights, strict=True):
+        total.add_(part, alpha=weight)
+        present.add_(part.abs().sign_(), alpha=weight)
+    merged = (
+        total.div_(present.clamp_min_(torch.finfo(torch.float32).tiny)) if renormalize else total
+    )
+    k = round(offspring * merged.numel())
+    if k < merged.numel():
+        merged = (merged * stable_keep(merged.abs(), k)).add_(0.0)
+    if origin is not None:
+        merged = merged.add_(origin)
+    return merged.to(tensors[0].dtype).view(tensors[0].shape)
+
+
+def raw_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor (so -0 and +0 differ)."""
+    return tensor.contiguous().view({2: torch.int16, 4: torch.int32}[tensor.element_size()])
+
+
+KERNEL_CASES = [
+    dict(densities=[1.0, 1.0], beta=0.5, measure="zero_count", renormalize=True),
+    dict(densities=[0.5, 0.3], beta=0.5, measure="zero_count", renormalize=True),
+    dict(densities=[0.9, 0.6], beta=0.7, measure="magnitude", renormalize=True),
+    dict(densities=[0.5, 1.0], beta=0.5, measure="zero_count", renormalize=False),
+    dict(densities=[0.4, 0.7], beta=1.0, measure="zero_count", renormalize=True, delta=True),
+    dict(densities=[1.0, 1.0], beta=1.0, measure="zero_count", renormalize=True, offspring=0.45),
+    dict(
+        densities=[0.6, 0.5],
+        beta=2.0,
+        measure="magnitude",
+        renormalize=True,
+        delta=True,
+        offspring=0.7,
+    ),
+    dict(densities=[0.6, 0.9], beta=0.5, measure="zero_count", renormalize=True, reference=True),
+]
+
+
+@pytest.mark.usefixtures("one_thread")  # the reference's float64 norms on one thread too
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", KERNEL_CASES)
+def test_kernel_matches_whole_tensor_passes_bit_for_bit_at_any_thread_count(
+    monkeypatch, dtype, case
+):
+    monkeypatch.setattr(parallel, "CHUNK", 64)  # many chunks and blocks in a small tensor
+    generator = torch.Generator().manual_seed(21)
+    base = ((torch.randn(61, 53, generator=generator) * 8).round() / 8).to(dtype)
+    tensors = []
+    for zero_fraction in (0.1, 0.5):
+        noise = (torch.randn(61, 53, generator=generator) * 4).round() / 8
+        noise *= torch.rand(61, 53, generator=generator) >= zero_fraction
+        tensors.append((base.float() + noise).to(dtype) if case.get("delta") else noise.to(dtype))
+    reference = torch.randn(61, 53, generator=generator) if case.get("reference") else None
+    delta = base if case.get("delta") else None
+    expected = whole_tensor_sae(
+        tensors,
+        [0.6, 0.3],
+        densities=case["densities"],
+        beta=case["beta"],
+        measure=case["measure"],
+        renormalize=case["renormalize"],
+        base=delta,
+        offspring=case.get("offspring", 1.0),
+        reference=reference,
+    )
+    for threads in (1, 2, 3):
+        with parallel.kernel_threads(threads):
+            merged = sae_merge(
+                tensors,
+                [0.6, 0.3],
+                densities=case["densities"],
+                sparsity_weight=case["beta"],
+                sparsity_measure=case["measure"],
+                renormalize=case["renormalize"],
+                prune_target="delta" if delta is not None else "weights",
+                base=delta,
+                offspring_density=case.get("offspring", 1.0),
+                redense="original" if reference is not None else "parents",
+                dense_reference=reference,
+            )
+        assert torch.equal(raw_bits(merged), raw_bits(expected)), threads
+
+
+def test_a_pruned_entry_keeps_its_sign_of_zero_through_an_underflow():
+    # 0.3 * -1e-45 underflows to -0; b's pruned -0.5 then adds -0, so the result is -0
+    a = torch.tensor([-1e-45, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    b = torch.tensor([-0.5, 9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0])
+    merged = sae_merge([a, b], [0.3, 0.7], densities=[1.0, 0.5])
+    assert raw_bits(merged)[0] == raw_bits(torch.tensor(-0.0))
+
+
+def test_pruned_merge_above_two_to_the_24_is_the_same_at_one_and_two_threads():
+    generator = torch.Generator().manual_seed(5)
+    n = (1 << 24) + 333
+    tensors = [torch.randn(n, generator=generator).to(torch.bfloat16) for _ in range(2)]
+    merged = {}
+    for threads in (1, 2):
+        with parallel.kernel_threads(threads):
+            merged[threads] = sae_merge(
+                tensors, [0.5, 0.4], densities=[0.5, 0.3], offspring_density=0.25
+            )
+    assert torch.equal(raw_bits(merged[1]), raw_bits(merged[2]))
+    assert int((merged[1] != 0).sum()) == round(0.25 * n)
 
 
 @pytest.mark.parametrize(

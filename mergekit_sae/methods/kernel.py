@@ -15,6 +15,8 @@ from mergekit.merge_methods.dtype import promoted_dtype as group_promoted_dtype
 from torch import Tensor
 
 from mergekit_sae.errors import MergeInputError
+from mergekit_sae.parallel import block_size, blocks, kernel_scope, run_pass, spans
+from mergekit_sae.sparsity import finite_keys, magnitude_keys
 
 
 def input_label(input_id: object) -> str:
@@ -54,12 +56,19 @@ def non_finite_error(tensor: Tensor, label: str, name: str) -> MergeInputError:
     )
 
 
+@kernel_scope()
 def all_finite(tensor: Tensor) -> bool:
-    """Whether every element is finite: a finite sum proves it (one fast reduction), and only
-    a non-finite sum (a NaN/Inf, or an overflowing sum) needs the elementwise check."""
-    if bool(torch.isfinite(tensor.sum())):
-        return True
-    return bool(torch.isfinite(tensor).all())
+    """Whether every element is finite: each magnitude key below +inf's (one integer max per
+    chunk, on the kernel's workers)."""
+    flat = tensor.reshape(-1)
+
+    def finite(part: slice) -> bool:
+        return all(
+            finite_keys(magnitude_keys(flat[span]), flat.dtype)
+            for span in spans(part.start, part.stop)
+        )
+
+    return all(run_pass(finite, blocks(flat.numel(), block_size(flat.numel())), flat.device))
 
 
 def check_tensors(tensors: Sequence[Tensor], labels: Sequence[str], name: str) -> None:

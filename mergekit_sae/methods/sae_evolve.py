@@ -12,15 +12,16 @@ task vectors theta_k - base and the base is added back at the end.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 from mergekit.merge_methods import PerNonBase, TensorGroup, merge_method
 from mergekit.merge_methods.base import BasePolicy, InputContract
 from torch import Tensor
 
+from mergekit_sae import parallel
 from mergekit_sae.domains import (
     Density,
     Fraction,
@@ -34,20 +35,29 @@ from mergekit_sae.domains import (
     choices,
 )
 from mergekit_sae.methods.kernel import (
-    check_tensors,
+    check_layout,
     compute_dtype,
     input_label,
+    non_finite_error,
     promoted_dtype,
 )
+from mergekit_sae.parallel import block_size, blocks, kernel_scope, run_pass, spans
 from mergekit_sae.sparsity import (
     CHUNK_ELEMENTS,
+    DIGIT_BITS,
     EMPTY_STATS,
-    KeepMask,
+    BlockCut,
+    Radix,
+    Selection,
     SparsityStats,
-    Threshold,
-    count_nonzero,
+    block_cuts,
+    finish_selection,
+    finite_keys,
+    inf_key,
+    key_bits,
     magnitude_keys,
-    select_threshold,
+    radix_histogram,
+    radix_start,
     sparsity_from_stats,
     sparsity_stats,
 )
@@ -164,29 +174,7 @@ def _mixing_weights(
         raise ValueError(f"{name}: {error}") from error
 
 
-def _task_part(tensor: Tensor, dtype: torch.dtype, origin: Tensor | None) -> Tensor:
-    """A parent in the compute dtype, as a task vector (minus ``origin``) when one is given."""
-    part = tensor.to(dtype)
-    return part - origin if origin is not None else part
-
-
-def _attraction_mix(parts: Sequence[Tensor], weights: Sequence[float], renormalize: bool) -> Tensor:
-    """Weighted sum; with renormalize, divide each position by the weight of its non-zeros.
-
-    Where no weighted non-zero contributes, the sum is +0 and so is +0 / tiny: no select is
-    needed. ``|x|.sign()`` is the non-zero indicator (inputs are finite), without bool masks.
-    """
-    total = torch.zeros_like(parts[0])
-    present = torch.zeros_like(parts[0]) if renormalize else None
-    for part, weight in zip(parts, weights, strict=True):
-        total.add_(part, alpha=weight)
-        if present is not None:
-            present.add_(part.abs().sign_(), alpha=weight)
-    if present is None:
-        return total
-    return total.div_(present.clamp_min_(torch.finfo(present.dtype).tiny))
-
-
+@kernel_scope()
 def sae_merge(
     tensors: Sequence[Tensor],
     scores: Sequence[float],
@@ -233,43 +221,36 @@ def sae_merge(
     rhos = _global_rhos(sparsity_scope, global_sparsity, labels, name)
     extras = {"base_model": base, "dense reference": dense_reference}
     extras = {label: tensor for label, tensor in extras.items() if tensor is not None}
-    check_tensors([*tensors, *extras.values()], [*labels, *extras], name)
+    inputs = [*tensors, *extras.values()]
+    check_layout(inputs, [*labels, *extras], name)
 
-    dtype = compute_dtype([*tensors, *extras.values()])
-    plan = _MixPlan(tensors, dtype, base if prune_target == "delta" else None, dense_reference)
-    with _kernel_threads(tensors[0].device):
-        masks = [plan.parent_mask(i, d) for i, d in enumerate(densities)]
-        if rhos is None:
+    plan = _MixPlan(
+        tensors,
+        compute_dtype(inputs),
+        base if prune_target == "delta" else None,
+        dense_reference,
+        list(extras.values()),
+    )
+    counts = [round(density * plan.numel) for density in densities]
+    local_rhos = rhos is None and sparsity_weight > 0
+    scan = plan.scan(counts, count_nonzero=local_rhos and sparsity_measure == "zero_count")
+    for index, finite in enumerate(scan.finite):
+        if not finite:
+            raise non_finite_error(inputs[index], [*labels, *extras][index], name)
+    cuts = [plan.parent_selection(i, k, scan) for i, k in enumerate(counts)]
+    if rhos is None:
+        rhos = [0.0] * count
+        if local_rhos:
             rhos = [
-                plan.parent_sparsity(i, mask, sparsity_measure, density)
-                for i, (mask, density) in enumerate(zip(masks, densities, strict=True))
+                plan.parent_sparsity(i, cuts[i], counts[i], sparsity_measure, scan)
+                for i in range(count)
             ]
-        weights = _mixing_weights(scores, rhos, sparsity_weight, labels, name)
-        return plan.mix(masks, weights, renormalize, offspring_density, promoted_dtype(tensors))
+    weights = _mixing_weights(scores, rhos, sparsity_weight, labels, name)
+    return plan.mix(cuts, weights, renormalize, offspring_density, promoted_dtype(tensors), scan)
 
 
-# CPU threads for the chunked passes. Each chunk is small and memory-bound, so a parallel
-# region per operation gains little and stalls whenever another process holds a core
-# (measured: 5-20x slower on a busy 2-core machine); None keeps torch's setting.
-KERNEL_THREADS: int | None = 1
-
-
-@contextlib.contextmanager
-def _kernel_threads(device: torch.device) -> Iterator[None]:
-    """Run the kernel's CPU passes on KERNEL_THREADS threads, restoring torch's count after."""
-    previous = torch.get_num_threads()
-    if device.type != "cpu" or KERNEL_THREADS is None or previous == KERNEL_THREADS:
-        yield
-        return
-    torch.set_num_threads(KERNEL_THREADS)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-# Elements per chunk of the fused passes: a few float32 buffers of this size stay in cache.
-MIX_CHUNK = 1 << 18
+# How a parent enters the mix: every entry (a density-1 parent), no entry (density rounds to
+# k = 0), or the entries a selection keeps.
 _KEEP_ALL = None
 
 
@@ -278,15 +259,42 @@ class _ZeroMask:
 
 
 _KEEP_NONE = _ZeroMask()
+Mask = Selection | _ZeroMask | None
+
+
+class _Scan(NamedTuple):
+    """What the first pass learned: finiteness of every input, non-zeros of each parent, the
+    blocks' first-digit histograms of the parents being pruned, and the chunks where no
+    parent holds a zero."""
+
+    finite: list[bool]
+    nonzero: list[int]
+    hists: list[list[Tensor] | None]
+    zero_free: list[list[bool]]
+
+
+class _BlockScan(NamedTuple):
+    """One block's share of a _Scan."""
+
+    finite: list[bool]
+    nonzero: list[int]
+    hists: list[Tensor | None]
+    zero_free: list[bool]
 
 
 class _MixPlan:
-    """The fused, chunked passes of sae_merge over flat views of the inputs.
+    """The passes of sae_merge over flat views of the inputs, block by block on the kernel's
+    workers (``mergekit_sae.parallel``).
 
-    Every step (task vector, pruning mask, re-densing, attraction mix, offspring pruning,
-    base added back, cast) is elementwise, so computing it chunk by chunk in cache-sized
-    pieces gives the same bits as whole-tensor passes; only the selections (k-th largest
-    magnitude) and the sparsity counts see the whole tensor, through extra chunked passes.
+    1. scan: finiteness of every input, non-zeros of each parent, the first digit of each
+       pruned parent's magnitude selection, and which chunks hold no zero in any parent;
+    2. one more pass per remaining digit of a selection (task vectors and float32 keys);
+    3. mix: the pruned parts, re-densing, the attraction mix, the base added back and the
+       cast, chunk by chunk (with offspring pruning: the merged task vector kept in float32
+       and the first digit of its selection, then one pass per remaining digit and a last
+       pass that prunes, adds the base and casts).
+    Every step is elementwise or an integer count, so the results are the same bits as
+    whole-tensor passes, whatever the chunk size or thread count.
     """
 
     def __init__(
@@ -295,146 +303,298 @@ class _MixPlan:
         dtype: torch.dtype,
         origin: Tensor | None,
         reference: Tensor | None,
+        extras: Sequence[Tensor],
     ):
         self.flats = [t.reshape(-1) for t in tensors]
+        self.extras = [t.reshape(-1) for t in extras]
         self.dtype = dtype
         self.origin = origin.reshape(-1) if origin is not None else None
         self.reference = reference.reshape(-1) if reference is not None else None
         self.shape = tensors[0].shape
         self.numel = tensors[0].numel()
+        self.device = tensors[0].device
+        self.chunk = parallel.CHUNK
+        self.blocks = blocks(self.numel, block_size(self.numel, self.chunk))
 
-    def _spans(self, size: int = MIX_CHUNK) -> Iterator[slice]:
-        for start in range(0, self.numel, size):
-            yield slice(start, min(start + size, self.numel))
+    def _chunks(self, block: slice) -> Iterator[slice]:
+        return spans(block.start, block.stop, self.chunk)
 
     def _origin(self, span: slice) -> Tensor | None:
         return self.origin[span].to(self.dtype) if self.origin is not None else None
 
     def _part(self, index: int, span: slice, origin: Tensor | None) -> Tensor:
         """Parent ``index`` on a span in the compute dtype, as a task vector under delta."""
-        return _task_part(self.flats[index][span], self.dtype, origin)
+        part = self.flats[index][span].to(self.dtype)
+        return part - origin if origin is not None else part
+
+    def _key_dtype(self, index: int) -> torch.dtype:
+        """The dtype a parent's magnitudes are keyed in: stored weights (widening to the
+        compute dtype is exact and keeps the order of |x|), or computed task vectors."""
+        return self.flats[index].dtype if self.origin is None else self.dtype
 
     def _keys(self, index: int, span: slice, part: Tensor) -> Tensor:
-        """Magnitude keys of a parent's part: of the stored tensor itself when it is the
-        weights (widening to the compute dtype is exact and keeps the order of |x|)."""
+        """Magnitude keys of a parent's part on a span (of the stored values for weights)."""
         return magnitude_keys(self.flats[index][span] if self.origin is None else part)
 
-    def parent_mask(self, index: int, density: float) -> Threshold | _ZeroMask | None:
-        """The threshold that prunes parent ``index`` to ``density`` (None: keep everything)."""
-        n = self.numel
-        k = round(density * n)
-        if density == 1.0 or k >= n:
+    def scan(self, counts: Sequence[int], *, count_nonzero: bool) -> _Scan:
+        """Pass 1 over every block (see the class docstring). Non-zeros are counted for the
+        parents kept whole (pruned ones get theirs from the first digit's histogram)."""
+        radixes = [
+            radix_start(k, key_bits(self._key_dtype(i))) if 0 < k < self.numel else None
+            for i, k in enumerate(counts)
+        ]
+        whole = [k >= self.numel for k in counts]
+
+        def block(part: slice) -> _BlockScan:
+            finite = [True] * (len(self.flats) + len(self.extras))
+            nonzero = [0] * len(self.flats)
+            hists: list[Tensor | None] = [None] * len(self.flats)
+            zero_free = []
+            for span in self._chunks(part):
+                origin = self._origin(span)
+                free = True
+                for index, flat in enumerate(self.flats):
+                    stored = magnitude_keys(flat[span])
+                    keys = stored
+                    if self.origin is not None:
+                        keys = magnitude_keys(self._part(index, span, origin))
+                    if whole[index] and keys is stored:
+                        low, high = torch.aminmax(stored)  # smallest key and finiteness at once
+                    else:
+                        low, high = (keys.min() if whole[index] else None), stored.max()
+                    finite[index] &= int(high) < inf_key(flat.dtype)
+                    if whole[index]:
+                        free &= int(low) > 0
+                        nonzero[index] += _chunk_nonzero(keys, int(low)) if count_nonzero else 0
+                    else:
+                        free = False
+                    if radixes[index] is not None:
+                        hist = radix_histogram(keys, radixes[index])
+                        hists[index] = hist if hists[index] is None else hists[index].add_(hist)
+                for offset, extra in enumerate(self.extras, start=len(self.flats)):
+                    finite[offset] &= finite_keys(magnitude_keys(extra[span]), extra.dtype)
+                zero_free.append(free)
+            hists = [h.to(torch.int32) if h is not None else None for h in hists]
+            return _BlockScan(finite, nonzero, hists, zero_free)
+
+        results = run_pass(block, self.blocks, self.device)
+        return _Scan(
+            finite=[all(r.finite[i] for r in results) for i in range(len(results[0].finite))],
+            nonzero=[sum(r.nonzero[i] for r in results) for i in range(len(self.flats))],
+            hists=[
+                [r.hists[i] for r in results] if radix is not None else None
+                for i, radix in enumerate(radixes)
+            ],
+            zero_free=[r.zero_free for r in results],
+        )
+
+    def _nonzero(self, index: int) -> int:
+        """Non-zeros of parent ``index``'s part (stored values, or the task vector), exactly."""
+
+        def block(part: slice) -> int:
+            total = 0
+            for span in self._chunks(part):
+                origin = self._origin(span)
+                keys = self._keys(index, span, self._part(index, span, origin))
+                total += int(torch.count_nonzero(keys))
+            return total
+
+        return sum(run_pass(block, self.blocks, self.device))
+
+    def _pruned_nonzero(self, index: int, k: int, scan: _Scan) -> int:
+        """Non-zeros of a parent pruned to its k largest magnitudes: min(k, non-zeros). The
+        first digit's bin 0 holds the zeros (and, for 32-bit keys, magnitudes below 2**-133),
+        so its complement bounds the non-zeros from below; an exact count only when needed."""
+        small = sum(int(hist[0]) for hist in scan.hists[index])
+        if self.numel - small >= k:
+            return k
+        if key_bits(self._key_dtype(index)) == DIGIT_BITS:
+            return self.numel - small
+        return min(k, self._nonzero(index))
+
+    def parent_selection(self, index: int, k: int, scan: _Scan) -> Mask:
+        """The selection that prunes parent ``index`` to its k largest magnitudes."""
+        if k >= self.numel:
             return _KEEP_ALL
         if k == 0:
             return _KEEP_NONE
 
-        def key_chunks() -> Iterator[Tensor]:
-            for span in self._spans():
-                origin = self._origin(span) if self.origin is not None else None
-                part = self._part(index, span, origin) if origin is not None else None
-                yield self._keys(index, span, part)
+        def block_keys(part: slice) -> Iterator[Tensor]:
+            for span in self._chunks(part):
+                origin = self._origin(span)
+                part_ = self._part(index, span, origin) if origin is not None else None
+                yield self._keys(index, span, part_)
 
-        bits = self.flats[index].element_size() if self.origin is None else _width(self.dtype)
-        return select_threshold(key_chunks, k, key_bits=bits * 8, device=self.flats[0].device)
+        radix = radix_start(k, key_bits(self._key_dtype(index)))
+        return finish_selection(radix, scan.hists[index], block_keys, self.blocks, self.device)
 
-    def _pruned(self, index: int, span: slice, mask: object, keep: KeepMask | None, origin):
-        """Parent ``index`` on a span, pruned (``keep`` is the running mask of the pass)."""
+    def _cuts(self, index: int, mask: Mask) -> list[BlockCut | None]:
+        """Fresh per-block cuts of a parent's selection (None per block for the other masks)."""
+        if not isinstance(mask, Selection):
+            return [None] * len(self.blocks)
+        return block_cuts(mask, self._key_dtype(index), self.dtype)
+
+    def _pruned(
+        self, index: int, span: slice, mask: Mask, cut: BlockCut | None, origin: Tensor | None
+    ) -> Tensor:
+        """Parent ``index`` on a span, pruned by its block's cut. A pruned entry is a zero of
+        the entry's sign (``x * 0``), which the mix's sums can tell from +0 only after an
+        underflow to -0; keeping it makes the result independent of how pruning is done."""
         part = self._part(index, span, origin)
         if mask is _KEEP_ALL:
             return part
         if mask is _KEEP_NONE:
             return torch.zeros_like(part)
-        return part * keep(self._keys(index, span, part))  # a pruned -0 mixes like +0
+        kept = cut(part, lambda: self._keys(index, span, part))
+        return part if kept is part else kept.copysign_(part)
 
-    def _nonzero(self, index: int, span: slice) -> int:
-        """Non-zeros of parent ``index``'s part on a span (of the stored values: weights)."""
-        if self.origin is None:
-            return count_nonzero(self.flats[index][span])
-        return count_nonzero(self._part(index, span, self._origin(span)))
-
-    def _pruned_chunks(self, index: int, mask: object, size: int) -> Iterator[Tensor]:
-        keep = KeepMask(mask) if isinstance(mask, Threshold) else None
-        for span in self._spans(size):
-            yield self._pruned(index, span, mask, keep, self._origin(span))
-
-    def parent_sparsity(self, index: int, mask: object, measure: str, density: float) -> float:
-        """rho of the pruned parent, summed over CHUNK_ELEMENTS chunks as sparsity() does.
+    def parent_sparsity(self, index: int, mask: Mask, k: int, measure: str, scan: _Scan) -> float:
+        """rho of the pruned parent, its norms summed over CHUNK_ELEMENTS blocks as sparsity()
+        sums them.
 
         zero_count needs no pruned copy: pruning to k entries keeps the k largest magnitudes,
         so it leaves min(k, non-zeros) non-zeros (zeros have the smallest key)."""
         if measure == "zero_count" and mask is not _KEEP_NONE:
-            nonzero = sum(self._nonzero(index, span) for span in self._spans())
-            if isinstance(mask, Threshold):
-                nonzero = min(nonzero, round(density * self.numel))
+            nonzero = scan.nonzero[index]
+            if isinstance(mask, Selection):
+                nonzero = self._pruned_nonzero(index, k, scan)
             return sparsity_from_stats(
                 SparsityStats(self.numel, self.numel - nonzero, 0, 0), measure
             )
         norms = measure == "magnitude"
-        size = CHUNK_ELEMENTS if norms else MIX_CHUNK
+        cuts = self._cuts(index, mask)
+        per_block = blocks(self.numel, CHUNK_ELEMENTS)
+        within = max(1, CHUNK_ELEMENTS // (self.blocks[0].stop - self.blocks[0].start))
+
+        def block(number: int) -> SparsityStats:
+            part = per_block[number]
+            buffer = torch.empty(part.stop - part.start, dtype=self.dtype, device=self.device)
+            first = number * within
+            for cut, inner in zip(cuts[first:], self.blocks[first : first + within], strict=False):
+                for span in self._chunks(inner):
+                    chunk = self._pruned(index, span, mask, cut, self._origin(span))
+                    buffer[span.start - part.start : span.stop - part.start] = chunk
+            return sparsity_stats(buffer, norms=norms)
+
         stats = EMPTY_STATS
-        for part in self._pruned_chunks(index, mask, size):
-            stats = stats.merged(sparsity_stats(part, norms=norms))
+        for part in run_pass(block, range(len(per_block)), self.device):
+            stats = stats.merged(part)
         return sparsity_from_stats(stats, measure)
 
     def mix(
         self,
-        masks: Sequence[object],
+        masks: Sequence[Mask],
         weights: Sequence[float],
         renormalize: bool,
         offspring_density: float,
         out_dtype: torch.dtype,
+        scan: _Scan,
     ) -> Tensor:
         """Attraction mix of the pruned parents, pruned to offspring_density, base added back."""
-        device = self.flats[0].device
-        out = torch.empty(self.numel, dtype=out_dtype, device=device)
+        out = torch.empty(self.numel, dtype=out_dtype, device=self.device)
         k = round(offspring_density * self.numel)
         prune_offspring = not (offspring_density == 1.0 or k >= self.numel)
         merged = None
         if prune_offspring:
-            merged = torch.empty(self.numel, dtype=self.dtype, device=device)
-        keeps = [KeepMask(m) if isinstance(m, Threshold) else None for m in masks]
-        for span in self._spans():
-            origin = self._origin(span)
-            parts = [
-                self._pruned(i, span, mask, keep, origin)
-                for i, (mask, keep) in enumerate(zip(masks, keeps, strict=True))
-            ]
-            if self.reference is not None:
-                reference = _task_part(self.reference[span], self.dtype, origin)
-                parts = [torch.where(part == 0, reference, part) for part in parts]
-            mixed = _attraction_mix(parts, weights, renormalize)
-            if merged is not None:
+            merged = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+        radix = radix_start(k, key_bits(self.dtype))
+        cuts = [self._cuts(i, mask) for i, mask in enumerate(masks)]
+        present = _present(weights, self.dtype, self.device) if renormalize else None
+
+        def block(number: int) -> Tensor | None:
+            hist = None
+            for position, span in enumerate(self._chunks(self.blocks[number])):
+                origin = self._origin(span)
+                parts = [
+                    self._pruned(i, span, mask, cuts[i][number], origin)
+                    for i, mask in enumerate(masks)
+                ]
+                if self.reference is not None:
+                    reference = self.reference[span].to(self.dtype)
+                    reference = reference - origin if origin is not None else reference
+                    parts = [torch.where(part == 0, reference, part) for part in parts]
+                dense = present if scan.zero_free[number][position] else None
+                mixed = _attraction_mix(parts, weights, renormalize, dense)
+                if merged is None:
+                    out[span] = mixed.add_(origin) if origin is not None else mixed
+                    continue
                 merged[span] = mixed
-            else:
-                out[span] = mixed.add_(origin) if origin is not None else mixed
+                if k > 0:
+                    counts = radix_histogram(magnitude_keys(mixed), radix)
+                    hist = counts if hist is None else hist.add_(counts)
+            return hist.to(torch.int32) if hist is not None else None
+
+        hists = run_pass(block, range(len(self.blocks)), self.device)
         if merged is not None:
-            self._prune_offspring(merged, k, out)
+            self._prune_offspring(merged, k, radix, hists, out)
         return out.view(self.shape)
 
-    def _prune_offspring(self, merged: Tensor, k: int, out: Tensor) -> None:
+    def _prune_offspring(
+        self, merged: Tensor, k: int, radix: Radix, hists: list, out: Tensor
+    ) -> None:
         """Write merged pruned to its k largest magnitudes (plus the base) into ``out``."""
-        keep = None
+        cuts: list[BlockCut | None] = [None] * len(self.blocks)
         if k > 0:
-            threshold = select_threshold(
-                lambda: (magnitude_keys(merged[span]) for span in self._spans()),
-                k,
-                key_bits=_width(self.dtype) * 8,
-                device=merged.device,
+            selection = finish_selection(
+                radix,
+                hists,
+                lambda part: (magnitude_keys(merged[span]) for span in self._chunks(part)),
+                self.blocks,
+                self.device,
             )
-            keep = KeepMask(threshold)
-        for span in self._spans():
-            chunk = merged[span]
-            if keep is None:
-                pruned = torch.zeros_like(chunk)
-            else:
-                pruned = chunk.mul_(keep(magnitude_keys(chunk))).add_(0.0)  # -0 -> +0
-            origin = self._origin(span)
-            out[span] = pruned.add_(origin) if origin is not None else pruned
+            cuts = block_cuts(selection, self.dtype, self.dtype)
+
+        def block(number: int) -> None:
+            cut = cuts[number]
+            for span in self._chunks(self.blocks[number]):
+                chunk = merged[span]
+                if cut is None:
+                    pruned = torch.zeros_like(chunk)
+                else:  # kept entries are its values; +0.0 makes a kept -0 +0
+                    pruned = cut(chunk, lambda c=chunk: magnitude_keys(c))
+                    pruned = pruned.add_(0.0) if cut.magnitude == 0.0 else pruned
+                origin = self._origin(span)
+                out[span] = pruned.add_(origin) if origin is not None else pruned
+
+        run_pass(block, range(len(self.blocks)), self.device)
 
 
-def _width(dtype: torch.dtype) -> int:
-    """Bytes per element of a dtype."""
-    return torch.empty((), dtype=dtype).element_size()
+def _chunk_nonzero(keys: Tensor, low: int) -> int:
+    """Non-zero keys of a chunk whose smallest key is ``low`` (all of them when it is not 0)."""
+    return keys.numel() if low > 0 else int(torch.count_nonzero(keys))
+
+
+def _present(weights: Sequence[float], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The renormalizing divisor where every parent is non-zero: the weights summed from +0
+    in order, in the compute dtype, as _attraction_mix sums them per position."""
+    total = torch.zeros((), dtype=dtype, device=device)
+    one = torch.ones((), dtype=dtype, device=device)
+    for weight in weights:
+        total.add_(one, alpha=weight)
+    return total.clamp_min_(torch.finfo(dtype).tiny)
+
+
+def _attraction_mix(
+    parts: Sequence[Tensor], weights: Sequence[float], renormalize: bool, present: Tensor | None
+) -> Tensor:
+    """Weighted sum; with renormalize, divide each position by the weight of its non-zeros.
+
+    ``present`` is that divisor when no part holds a zero on this chunk (it is then the same
+    at every position). Where no weighted non-zero contributes, the sum is +0 and so is
+    +0 / tiny: no select is needed. ``|x|.sign()`` is the non-zero indicator (inputs are
+    finite), without bool masks.
+    """
+    total = torch.zeros_like(parts[0])
+    for part, weight in zip(parts, weights, strict=True):
+        total.add_(part, alpha=weight)
+    if not renormalize:
+        return total
+    if present is not None:
+        return total.div_(present)
+    divisor = torch.zeros_like(parts[0])
+    for part, weight in zip(parts, weights, strict=True):
+        divisor.add_(part.abs().sign_(), alpha=weight)
+    return total.div_(divisor.clamp_min_(torch.finfo(divisor.dtype).tiny))
 
 
 @merge_method(
