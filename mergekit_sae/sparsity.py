@@ -121,13 +121,15 @@ def radix_step(radix: Radix, hist: Tensor) -> Radix | Threshold:
     return radix._replace(remaining=remaining, prefix=prefix, shift=radix.shift - DIGIT_BITS)
 
 
-def block_histogram(keys: Iterable[Tensor], radix: Radix) -> Tensor:
-    """The next digit's counts over one block's key chunks (int32: a block is below 2**31)."""
-    total = None
-    for chunk in keys:
-        hist = radix_histogram(chunk, radix)
-        total = hist if total is None else total.add_(hist)
-    return total.to(torch.int32)
+def block_histograms(chunks: Iterable[Sequence[Tensor]], radixes: Sequence[Radix]) -> list:
+    """Each selection's next-digit counts over one block (``chunks`` yields, per chunk, the
+    keys of each selection in order); int32, as a block holds fewer than 2**31 keys."""
+    totals: list[Tensor | None] = [None] * len(radixes)
+    for keys in chunks:
+        for index, (chunk, radix) in enumerate(zip(keys, radixes, strict=True)):
+            hist = radix_histogram(chunk, radix)
+            totals[index] = hist if totals[index] is None else totals[index].add_(hist)
+    return [total.to(torch.int32) for total in totals]
 
 
 class Selection(NamedTuple):
@@ -137,31 +139,65 @@ class Selection(NamedTuple):
     ties: list[int]
 
 
+# (block, indices of the open selections) -> per chunk of the block, their keys in order
+ChunkKeys = Callable[[slice, Sequence[int]], Iterable[Sequence[Tensor]]]
+
+
+def _summed(hists: Sequence[Tensor]) -> Tensor:
+    """The sum of per-block histograms, in int64."""
+    total = hists[0].to(torch.int64)
+    for hist in hists[1:]:
+        total += hist
+    return total
+
+
+def finish_selections(
+    radixes: Sequence[Radix],
+    hists: Sequence[Sequence[Tensor]],
+    chunk_keys: ChunkKeys,
+    parts: Sequence[slice],
+    device,
+) -> list[Selection]:
+    """Complete selections over the same blocks whose current digit's per-block histograms
+    are ``hists``: the next digit of every selection still open is one shared pass."""
+    radixes, hists = list(radixes), [list(h) for h in hists]
+    done: dict[int, Selection] = {}
+    while len(done) < len(radixes):
+        pending = []
+        for index, radix in enumerate(radixes):
+            if index in done:
+                continue
+            step = radix_step(radix, _summed(hists[index]))
+            if isinstance(step, Threshold):
+                digit = step.key & (DIGITS - 1)
+                done[index] = Selection(step, [int(hist[digit]) for hist in hists[index]])
+            else:
+                radixes[index] = step
+                pending.append(index)
+        if pending:
+            wanted = [radixes[index] for index in pending]
+            results = run_pass(
+                lambda part, o=pending, w=wanted: block_histograms(chunk_keys(part, o), w),
+                parts,
+                device,
+            )
+            for position, index in enumerate(pending):
+                hists[index] = [result[position] for result in results]
+    return [done[index] for index in range(len(radixes))]
+
+
 BlockKeys = Callable[[slice], Iterable[Tensor]]
-
-
-def finish_selection(
-    radix: Radix, hists: Sequence[Tensor], block_keys: BlockKeys, parts: Sequence[slice], device
-) -> Selection:
-    """Complete a selection whose current digit's per-block histograms are ``hists``; every
-    further digit is one pass over the blocks (``block_keys`` yields a block's key chunks)."""
-    while True:
-        total = hists[0].to(torch.int64)
-        for hist in hists[1:]:
-            total += hist
-        step = radix_step(radix, total)
-        if isinstance(step, Threshold):
-            digit = step.key & (DIGITS - 1)
-            return Selection(step, [int(hist[digit]) for hist in hists])
-        radix = step
-        hists = run_pass(lambda part, r=radix: block_histogram(block_keys(part), r), parts, device)
 
 
 def select(k: int, bits: int, block_keys: BlockKeys, parts: Sequence[slice], device) -> Selection:
     """The k-th largest key over the blocks ``parts`` (one histogram pass per digit)."""
     radix = radix_start(k, bits)
-    hists = run_pass(lambda part: block_histogram(block_keys(part), radix), parts, device)
-    return finish_selection(radix, hists, block_keys, parts, device)
+
+    def chunks(part: slice, _open: Sequence[int]) -> Iterable[Sequence[Tensor]]:
+        return ([keys] for keys in block_keys(part))
+
+    hists = run_pass(lambda part: block_histograms(chunks(part, [0]), [radix])[0], parts, device)
+    return finish_selections([radix], [hists], chunks, parts, device)[0]
 
 
 def key_value(key: int, dtype: torch.dtype) -> float:

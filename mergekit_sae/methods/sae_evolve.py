@@ -51,7 +51,7 @@ from mergekit_sae.sparsity import (
     Selection,
     SparsityStats,
     block_cuts,
-    finish_selection,
+    finish_selections,
     finite_keys,
     inf_key,
     key_bits,
@@ -237,7 +237,7 @@ def sae_merge(
     for index, finite in enumerate(scan.finite):
         if not finite:
             raise non_finite_error(inputs[index], [*labels, *extras][index], name)
-    cuts = [plan.parent_selection(i, k, scan) for i, k in enumerate(counts)]
+    cuts = plan.parent_selections(counts, scan)
     if rhos is None:
         rhos = [0.0] * count
         if local_rhos:
@@ -412,21 +412,31 @@ class _MixPlan:
             return self.numel - small
         return min(k, self._nonzero(index))
 
-    def parent_selection(self, index: int, k: int, scan: _Scan) -> Mask:
-        """The selection that prunes parent ``index`` to its k largest magnitudes."""
-        if k >= self.numel:
-            return _KEEP_ALL
-        if k == 0:
-            return _KEEP_NONE
+    def parent_selections(self, counts: Sequence[int], scan: _Scan) -> list[Mask]:
+        """Each parent's mask: all entries, none, or the selection of its k largest
+        magnitudes (finished together: one pass per remaining digit for all parents)."""
+        pruned = [i for i, k in enumerate(counts) if 0 < k < self.numel]
 
-        def block_keys(part: slice) -> Iterator[Tensor]:
+        def chunk_keys(part: slice, wanted: Sequence[int]) -> Iterator[list[Tensor]]:
             for span in self._chunks(part):
                 origin = self._origin(span)
-                part_ = self._part(index, span, origin) if origin is not None else None
-                yield self._keys(index, span, part_)
+                keys = []
+                for index in (pruned[position] for position in wanted):
+                    values = self._part(index, span, origin) if origin is not None else None
+                    keys.append(self._keys(index, span, values))
+                yield keys
 
-        radix = radix_start(k, key_bits(self._key_dtype(index)))
-        return finish_selection(radix, scan.hists[index], block_keys, self.blocks, self.device)
+        selections = finish_selections(
+            [radix_start(counts[i], key_bits(self._key_dtype(i))) for i in pruned],
+            [scan.hists[i] for i in pruned],
+            chunk_keys,
+            self.blocks,
+            self.device,
+        )
+        masks: list[Mask] = [_KEEP_ALL if k >= self.numel else _KEEP_NONE for k in counts]
+        for index, selection in zip(pruned, selections, strict=True):
+            masks[index] = selection
+        return masks
 
     def _cuts(self, index: int, mask: Mask) -> list[BlockCut | None]:
         """Fresh per-block cuts of a parent's selection (None per block for the other masks)."""
@@ -535,10 +545,10 @@ class _MixPlan:
         """Write merged pruned to its k largest magnitudes (plus the base) into ``out``."""
         cuts: list[BlockCut | None] = [None] * len(self.blocks)
         if k > 0:
-            selection = finish_selection(
-                radix,
-                hists,
-                lambda part: (magnitude_keys(merged[span]) for span in self._chunks(part)),
+            (selection,) = finish_selections(
+                [radix],
+                [hists],
+                lambda part, _: ([magnitude_keys(merged[span])] for span in self._chunks(part)),
                 self.blocks,
                 self.device,
             )
