@@ -143,9 +143,10 @@ class Selection(NamedTuple):
 ChunkKeys = Callable[[slice, Sequence[int]], Iterable[Sequence[Tensor]]]
 
 
-def _summed(hists: Sequence[Tensor]) -> Tensor:
-    """The sum of per-block histograms, in int64."""
-    total = hists[0].to(torch.int64)
+def _summed(hists: Sequence[Tensor], numel: int) -> Tensor:
+    """The sum of per-block int32 histograms over ``numel`` keys (int64 only when it must be:
+    adding int32 into int64 is several times slower)."""
+    total = hists[0].to(torch.int32 if numel < 2**31 else torch.int64, copy=True)
     for hist in hists[1:]:
         total += hist
     return total
@@ -167,7 +168,7 @@ def finish_selections(
         for index, radix in enumerate(radixes):
             if index in done:
                 continue
-            step = radix_step(radix, _summed(hists[index]))
+            step = radix_step(radix, _summed(hists[index], parts[-1].stop))
             if isinstance(step, Threshold):
                 digit = step.key & (DIGITS - 1)
                 done[index] = Selection(step, [int(hist[digit]) for hist in hists[index]])

@@ -272,14 +272,16 @@ def whole_tensor_sae(
     tensors, scores, *, densities, beta, measure, renormalize, base, offspring, reference
 ):
     """sae_merge written as whole-tensor passes: stable-sort selections, x * keep pruning,
-    eq. 5, where-based re-densing, the attraction mix and offspring pruning, in float32."""
+    eq. 5, where-based re-densing, the attraction mix and offspring pruning, in float32 (a
+    parent pruned to no entry is +0, as in the kernel)."""
     flats = [t.flatten().float() for t in tensors]
     origin = base.flatten().float() if base is not None else None
     parts = [f - origin if origin is not None else f for f in flats]
     pruned = []
     for tensor, part, density in zip(tensors, parts, densities, strict=True):
         magnitudes = (tensor.flatten() if origin is None else part).abs()
-        pruned.append(part * stable_keep(magnitudes, round(density * part.numel())))
+        k = round(density * part.numel())
+        pruned.append(part * stable_keep(magnitudes, k) if k else torch.zeros_like(part))
     rhos = []
     for part in pruned:
         n = part.numel()
@@ -414,3 +416,23 @@ def test_the_result_has_the_dtype_the_inputs_promote_to(dtypes):
     for dtype in dtypes[1:]:
         expected = torch.promote_types(expected, dtype)
     assert sae_merge(tensors, [0.5] * len(tensors)).dtype == expected
+
+
+@pytest.mark.parametrize(
+    ("densities", "negative_zeros"),
+    [([1.0, 0.5], True), ([1.0, 0.3, 0.4], True), ([1.0, 1e-9], False)],
+)
+def test_underflowing_entries_mix_like_x_times_zero_pruning(monkeypatch, densities, negative_zeros):
+    monkeypatch.setattr(parallel, "CHUNK", 64)
+    generator = torch.Generator().manual_seed(8)
+    tensors = [torch.randn(4096, generator=generator) for _ in densities]
+    tiny = torch.rand(4096, generator=generator) < 0.2
+    tensors[0] = torch.where(tiny, torch.tensor(-1e-45), tensors[0])  # 0.3 * -1e-45 -> -0
+    scores = [0.3, 0.7, 0.5][: len(densities)]
+    options = dict(beta=0.0, measure="zero_count", renormalize=True, base=None, reference=None)
+    expected = whole_tensor_sae(tensors, scores, densities=densities, offspring=1.0, **options)
+    assert bool((raw_bits(expected) == raw_bits(torch.tensor(-0.0))).any()) == negative_zeros
+    for threads in (1, 2):
+        with parallel.kernel_threads(threads):
+            merged = sae_merge(tensors, scores, densities=densities)
+        assert torch.equal(raw_bits(merged), raw_bits(expected)), threads

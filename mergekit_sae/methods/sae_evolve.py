@@ -445,18 +445,14 @@ class _MixPlan:
         return block_cuts(mask, self._key_dtype(index), self.dtype)
 
     def _pruned(
-        self, index: int, span: slice, mask: Mask, cut: BlockCut | None, origin: Tensor | None
+        self, index: int, part: Tensor, span: slice, mask: Mask, cut: BlockCut | None
     ) -> Tensor:
-        """Parent ``index`` on a span, pruned by its block's cut. A pruned entry is a zero of
-        the entry's sign (``x * 0``), which the mix's sums can tell from +0 only after an
-        underflow to -0; keeping it makes the result independent of how pruning is done."""
-        part = self._part(index, span, origin)
+        """Parent ``index``'s part on a span, pruned by its block's cut (dropped entries +0)."""
         if mask is _KEEP_ALL:
             return part
         if mask is _KEEP_NONE:
             return torch.zeros_like(part)
-        kept = cut(part, lambda: self._keys(index, span, part))
-        return part if kept is part else kept.copysign_(part)
+        return cut(part, lambda: self._keys(index, span, part))
 
     def parent_sparsity(self, index: int, mask: Mask, k: int, measure: str, scan: _Scan) -> float:
         """rho of the pruned parent, its norms summed over CHUNK_ELEMENTS blocks as sparsity()
@@ -482,7 +478,8 @@ class _MixPlan:
             first = number * within
             for cut, inner in zip(cuts[first:], self.blocks[first : first + within], strict=False):
                 for span in self._chunks(inner):
-                    chunk = self._pruned(index, span, mask, cut, self._origin(span))
+                    part_ = self._part(index, span, self._origin(span))
+                    chunk = self._pruned(index, part_, span, mask, cut)
                     buffer[span.start - part.start : span.stop - part.start] = chunk
             return sparsity_stats(buffer, norms=norms)
 
@@ -510,21 +507,33 @@ class _MixPlan:
         radix = radix_start(k, key_bits(self.dtype))
         cuts = [self._cuts(i, mask) for i, mask in enumerate(masks)]
         present = _present(weights, self.dtype, self.device) if renormalize else None
+        checks = None
+        if self.reference is None:  # re-densing replaces the pruned zeros, signs and all
+            checks = [
+                any(isinstance(m, Selection) for m in masks[i + 1 :]) for i in range(len(masks))
+            ]
 
         def block(number: int) -> Tensor | None:
             hist = None
             for position, span in enumerate(self._chunks(self.blocks[number])):
                 origin = self._origin(span)
+                raw = [self._part(i, span, origin) for i in range(len(masks))]
                 parts = [
-                    self._pruned(i, span, mask, cuts[i][number], origin)
-                    for i, mask in enumerate(masks)
+                    self._pruned(i, part, span, mask, cuts[i][number])
+                    for i, (part, mask) in enumerate(zip(raw, masks, strict=True))
                 ]
                 if self.reference is not None:
                     reference = self.reference[span].to(self.dtype)
                     reference = reference - origin if origin is not None else reference
                     parts = [torch.where(part == 0, reference, part) for part in parts]
                 dense = present if scan.zero_free[number][position] else None
-                mixed = _attraction_mix(parts, weights, renormalize, dense)
+                mixed = _attraction_mix(parts, weights, renormalize, dense, checks)
+                if mixed is None:  # a -0 sum met pruned entries: give them x * 0's sign
+                    parts = [
+                        p.copysign_(r) if isinstance(m, Selection) and p is not r else p
+                        for p, r, m in zip(parts, raw, masks, strict=True)
+                    ]
+                    mixed = _attraction_mix(parts, weights, renormalize, dense, None)
                 if merged is None:
                     out[span] = mixed.add_(origin) if origin is not None else mixed
                     continue
@@ -585,18 +594,28 @@ def _present(weights: Sequence[float], dtype: torch.dtype, device: torch.device)
 
 
 def _attraction_mix(
-    parts: Sequence[Tensor], weights: Sequence[float], renormalize: bool, present: Tensor | None
-) -> Tensor:
+    parts: Sequence[Tensor],
+    weights: Sequence[float],
+    renormalize: bool,
+    present: Tensor | None,
+    checks: Sequence[bool] | None,
+) -> Tensor | None:
     """Weighted sum; with renormalize, divide each position by the weight of its non-zeros.
 
     ``present`` is that divisor when no part holds a zero on this chunk (it is then the same
     at every position). Where no weighted non-zero contributes, the sum is +0 and so is
     +0 / tiny: no select is needed. ``|x|.sign()`` is the non-zero indicator (inputs are
     finite), without bool masks.
+
+    Pruned entries here are +0, where pruning as ``x * 0`` gives a zero of x's sign. The two
+    sum alike unless the running sum is -0 (a weighted entry that underflowed) when one is
+    added: after each part flagged in ``checks`` a -0 in the sum returns None instead.
     """
     total = torch.zeros_like(parts[0])
-    for part, weight in zip(parts, weights, strict=True):
+    for index, (part, weight) in enumerate(zip(parts, weights, strict=True)):
         total.add_(part, alpha=weight)
+        if checks is not None and checks[index] and _has_negative_zero(total):
+            return None
     if not renormalize:
         return total
     if present is not None:
@@ -605,6 +624,12 @@ def _attraction_mix(
     for part, weight in zip(parts, weights, strict=True):
         divisor.add_(part.abs().sign_(), alpha=weight)
     return total.div_(divisor.clamp_min_(torch.finfo(divisor.dtype).tiny))
+
+
+def _has_negative_zero(values: Tensor) -> bool:
+    """Whether a float32/float64 tensor holds a -0: as signed integers, -0 is the minimum."""
+    view = torch.int32 if values.dtype == torch.float32 else torch.int64
+    return int(values.view(view).min()) == torch.iinfo(view).min
 
 
 @merge_method(
