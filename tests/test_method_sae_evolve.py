@@ -436,3 +436,31 @@ def test_underflowing_entries_mix_like_x_times_zero_pruning(monkeypatch, densiti
         with parallel.kernel_threads(threads):
             merged = sae_merge(tensors, scores, densities=densities)
         assert torch.equal(raw_bits(merged), raw_bits(expected)), threads
+
+
+def test_non_finite_inputs_are_named_under_delta_and_an_overflowing_difference_is_not():
+    generator = torch.Generator().manual_seed(4)
+    base, a, b, reference = (torch.randn(40, 30, generator=generator) for _ in range(4))
+    options = dict(densities=[0.5, 0.5], prune_target="delta", name="w")
+    bad_base = base.clone()
+    bad_base[7, 3] = float("nan")
+    with pytest.raises(ValueError, match="w: base_model contains 1 NaN and 0 Inf values"):
+        sae_merge([a, b], [0.5, 0.5], base=bad_base, **options)
+    bad_b = b.clone()
+    bad_b[0, 0] = float("-inf")
+    with pytest.raises(ValueError, match="w: input 1 contains 0 NaN and 1 Inf values"):
+        sae_merge([a, bad_b], [0.5, 0.5], base=base, **options)
+    bad_reference = reference.clone()
+    bad_reference[1, 1] = float("inf")
+    with pytest.raises(ValueError, match="w: dense reference contains 0 NaN and 1 Inf values"):
+        sae_merge(
+            [a, b],
+            [0.5, 0.5],
+            base=base,
+            redense="original",
+            dense_reference=bad_reference,
+            **options,
+        )
+    a[0, 0], base[0, 0] = 3e38, -3e38  # finite inputs whose task vector overflows to +inf
+    merged = sae_merge([a, b], [0.5, 0.5], base=base, **options)
+    assert merged[0, 0] == float("inf")  # mixed as the whole-tensor passes mix it

@@ -224,13 +224,7 @@ def sae_merge(
     inputs = [*tensors, *extras.values()]
     check_layout(inputs, [*labels, *extras], name)
 
-    plan = _MixPlan(
-        tensors,
-        compute_dtype(inputs),
-        base if prune_target == "delta" else None,
-        dense_reference,
-        list(extras.values()),
-    )
+    plan = _MixPlan(tensors, compute_dtype(inputs), base, dense_reference, prune_target == "delta")
     counts = [round(density * plan.numel) for density in densities]
     local_rhos = rhos is None and sparsity_weight > 0
     scan = plan.scan(counts, count_nonzero=local_rhos and sparsity_measure == "zero_count")
@@ -301,15 +295,15 @@ class _MixPlan:
         self,
         tensors: Sequence[Tensor],
         dtype: torch.dtype,
-        origin: Tensor | None,
+        base: Tensor | None,
         reference: Tensor | None,
-        extras: Sequence[Tensor],
+        delta: bool,
     ):
         self.flats = [t.reshape(-1) for t in tensors]
-        self.extras = [t.reshape(-1) for t in extras]
-        self.dtype = dtype
-        self.origin = origin.reshape(-1) if origin is not None else None
+        self.base = base.reshape(-1) if base is not None else None
         self.reference = reference.reshape(-1) if reference is not None else None
+        self.dtype = dtype
+        self.origin = self.base if delta else None
         self.shape = tensors[0].shape
         self.numel = tensors[0].numel()
         self.device = tensors[0].device
@@ -323,9 +317,14 @@ class _MixPlan:
         return self.origin[span].to(self.dtype) if self.origin is not None else None
 
     def _part(self, index: int, span: slice, origin: Tensor | None) -> Tensor:
-        """Parent ``index`` on a span in the compute dtype, as a task vector under delta."""
-        part = self.flats[index][span].to(self.dtype)
-        return part - origin if origin is not None else part
+        """Parent ``index`` on a span in the compute dtype, as a task vector under delta (in
+        place on the converted copy; an input already in the compute dtype is not written)."""
+        stored = self.flats[index][span]
+        if origin is None:
+            return stored.to(self.dtype)
+        if stored.dtype == self.dtype:
+            return stored - origin
+        return stored.to(self.dtype).sub_(origin)
 
     def _key_dtype(self, index: int) -> torch.dtype:
         """The dtype a parent's magnitudes are keyed in: stored weights (widening to the
@@ -345,24 +344,30 @@ class _MixPlan:
         ]
         whole = [k >= self.numel for k in counts]
 
+        extras = [t for t in (self.base, self.reference) if t is not None]
+        inputs = [*self.flats, *extras]
+
+        def finite(index: int, span: slice) -> bool:
+            return finite_keys(magnitude_keys(inputs[index][span]), inputs[index].dtype)
+
         def block(part: slice) -> _BlockScan:
-            finite = [True] * (len(self.flats) + len(self.extras))
+            checked = [True] * len(inputs)
             nonzero = [0] * len(self.flats)
             hists: list[Tensor | None] = [None] * len(self.flats)
             zero_free = []
             for span in self._chunks(part):
                 origin = self._origin(span)
                 free = True
-                for index, flat in enumerate(self.flats):
-                    stored = magnitude_keys(flat[span])
-                    keys = stored
-                    if self.origin is not None:
-                        keys = magnitude_keys(self._part(index, span, origin))
-                    if whole[index] and keys is stored:
-                        low, high = torch.aminmax(stored)  # smallest key and finiteness at once
-                    else:
-                        low, high = (keys.min() if whole[index] else None), stored.max()
-                    finite[index] &= int(high) < inf_key(flat.dtype)
+                for index in range(len(self.flats)):
+                    part_ = self._part(index, span, origin) if origin is not None else None
+                    keys = self._keys(index, span, part_)
+                    low, high = torch.aminmax(keys) if whole[index] else (None, keys.max())
+                    if int(high) >= inf_key(self._key_dtype(index)):
+                        # an Inf or NaN in this parent (or, under delta, in the base), or
+                        # a difference that overflowed: check the stored values themselves
+                        checked[index] &= finite(index, span)
+                        if self.origin is not None:
+                            checked[len(self.flats)] &= finite(len(self.flats), span)
                     if whole[index]:
                         free &= int(low) > 0
                         nonzero[index] += _chunk_nonzero(keys, int(low)) if count_nonzero else 0
@@ -371,11 +376,12 @@ class _MixPlan:
                     if radixes[index] is not None:
                         hist = radix_histogram(keys, radixes[index])
                         hists[index] = hist if hists[index] is None else hists[index].add_(hist)
-                for offset, extra in enumerate(self.extras, start=len(self.flats)):
-                    finite[offset] &= finite_keys(magnitude_keys(extra[span]), extra.dtype)
+                for index in range(len(self.flats), len(inputs)):
+                    if self.origin is None or inputs[index] is not self.base:
+                        checked[index] &= finite(index, span)
                 zero_free.append(free)
             hists = [h.to(torch.int32) if h is not None else None for h in hists]
-            return _BlockScan(finite, nonzero, hists, zero_free)
+            return _BlockScan(checked, nonzero, hists, zero_free)
 
         results = run_pass(block, self.blocks, self.device)
         return _Scan(
@@ -604,7 +610,7 @@ def _attraction_mix(
 
     ``present`` is that divisor when no part holds a zero on this chunk (it is then the same
     at every position). Where no weighted non-zero contributes, the sum is +0 and so is
-    +0 / tiny: no select is needed. ``|x|.sign()`` is the non-zero indicator (inputs are
+    +0 / tiny: no select is needed. ``|sign(x)|`` is the non-zero indicator (inputs are
     finite), without bool masks.
 
     Pruned entries here are +0, where pruning as ``x * 0`` gives a zero of x's sign. The two
@@ -622,7 +628,7 @@ def _attraction_mix(
         return total.div_(present)
     divisor = torch.zeros_like(parts[0])
     for part, weight in zip(parts, weights, strict=True):
-        divisor.add_(part.abs().sign_(), alpha=weight)
+        divisor.add_(torch.sign(part).abs_(), alpha=weight)
     return total.div_(divisor.clamp_min_(torch.finfo(divisor.dtype).tiny))
 
 
