@@ -257,3 +257,22 @@ def test_magnitude_prune_on_cuda_allocates_one_copy_plus_chunk_scratch(dtype):
     kept = pruned != 0
     assert int(kept.sum()) == round(0.4 * tensor.numel())
     assert tensor.abs()[kept].min() >= tensor.abs()[~kept].max()
+
+
+def test_statistics_summed_on_one_thread_stay_within_float64_rounding_of_any_thread_count():
+    tensor = torch.randn((1 << 22) + 100, generator=torch.Generator().manual_seed(9)) * 0.02
+    stats = sparsity_stats(tensor)
+    bound = CHUNK_ELEMENTS * 2.0**-53  # relative error bound of a float64 sum of a chunk
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)  # how a driver with `threads` summed before
+            l1 = l2 = 0.0
+            for start in range(0, tensor.numel(), CHUNK_ELEMENTS):
+                wide = tensor[start : start + CHUNK_ELEMENTS].double()
+                l1 += float(wide.abs().sum())
+                l2 += float(wide.square().sum())
+            assert abs(stats.l1 - l1) <= bound * l1
+            assert abs(stats.l2_squared - l2) <= bound * l2
+    finally:
+        torch.set_num_threads(previous)
