@@ -14,6 +14,7 @@ operations); on other devices a pass runs its blocks in order on the calling thr
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,8 @@ KERNEL_THREADS: int | None = None
 _local = threading.local()
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
+# A forked child has none of the pools' threads: it starts its own pools.
+os.register_at_fork(after_in_child=_pools.clear)
 
 
 def spans(start: int, stop: int, size: int = CHUNK) -> Iterator[slice]:

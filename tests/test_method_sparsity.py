@@ -276,3 +276,22 @@ def test_statistics_summed_on_one_thread_stay_within_float64_rounding_of_any_thr
             assert abs(stats.l2_squared - l2) <= bound * l2
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_child_prunes_on_its_own_workers():
+    import multiprocessing
+
+    tensor = torch.randn(1 << 20, generator=torch.Generator().manual_seed(2))
+    with parallel.kernel_threads(2):
+        expected = magnitude_prune(tensor, 0.3)  # the parent's pool now has threads
+        context = multiprocessing.get_context("fork")
+        with context.Pool(1) as pool:
+            pruned = pool.apply_async(_prune_with_two_workers, (tensor,)).get(timeout=120)
+    assert torch.equal(pruned, expected)
+
+
+def _prune_with_two_workers(tensor: torch.Tensor) -> torch.Tensor:
+    """magnitude_prune at density 0.3 on two kernel threads (run in a forked child)."""
+    with parallel.kernel_threads(2):
+        return magnitude_prune(tensor, 0.3)
