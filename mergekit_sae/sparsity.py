@@ -330,8 +330,9 @@ def _block_stats(part: Tensor, norms: bool) -> SparsityStats:
     zeros = part.numel() - count_nonzero(part)
     if not norms:
         return SparsityStats(part.numel(), zeros, 0.0, 0.0)
-    wide = part.to(torch.float64, copy=True)  # one copy, in place: |x|, then |x|^2
-    return SparsityStats(part.numel(), zeros, float(wide.abs_().sum()), float(wide.square_().sum()))
+    # |x| in the stored dtype (exact, and narrower than float64), widened once; then |x|^2
+    wide = part.abs().to(torch.float64)
+    return SparsityStats(part.numel(), zeros, float(wide.sum()), float(wide.square_().sum()))
 
 
 @kernel_scope()
