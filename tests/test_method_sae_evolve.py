@@ -269,7 +269,16 @@ def stable_keep(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def whole_tensor_sae(
-    tensors, scores, *, densities, beta, measure, renormalize, base, offspring, reference
+    tensors,
+    scores,
+    *,
+    densities,
+    sparsity_weight=0.0,
+    sparsity_measure="zero_count",
+    renormalize=True,
+    base=None,
+    offspring_density=1.0,
+    dense_reference=None,
 ):
     """sae_merge written as whole-tensor passes: stable-sort selections, x * keep pruning,
     eq. 5, where-based re-densing, the attraction mix and offspring pruning, in float32 (a
@@ -285,14 +294,14 @@ def whole_tensor_sae(
     rhos = []
     for part in pruned:
         n = part.numel()
-        if measure == "zero_count":
+        if sparsity_measure == "zero_count":
             rhos.append(int((part == 0).sum()) / n)
         else:  # Hoyer from float64 L1 and squared L2
             l1, l2 = float(part.double().abs().sum()), float(part.double().square().sum())
             rhos.append(min(1.0, max(0.0, (n**0.5 - l1 / l2**0.5) / (n**0.5 - 1.0))))
-    weights = eq5(scores, rhos, beta)
-    if reference is not None:
-        redense = reference.flatten().float()
+    weights = eq5(scores, rhos, sparsity_weight)
+    if dense_reference is not None:
+        redense = dense_reference.flatten().float()
         redense = redense - origin if origin is not None else redense
         pruned = [torch.where(part == 0, redense, part) for part in pruned]
     total = torch.zeros_like(pruned[0])
@@ -303,7 +312,7 @@ def whole_tensor_sae(
     merged = (
         total.div_(present.clamp_min_(torch.finfo(torch.float32).tiny)) if renormalize else total
     )
-    k = round(offspring * merged.numel())
+    k = round(offspring_density * merged.numel())
     if k < merged.numel():
         merged = (merged * stable_keep(merged.abs(), k)).add_(0.0)
     if origin is not None:
@@ -351,32 +360,23 @@ def test_kernel_matches_whole_tensor_passes_bit_for_bit_at_any_thread_count(
         tensors.append((base.float() + noise).to(dtype) if case.get("delta") else noise.to(dtype))
     reference = torch.randn(61, 53, generator=generator) if case.get("reference") else None
     delta = base if case.get("delta") else None
-    expected = whole_tensor_sae(
-        tensors,
-        [0.6, 0.3],
+    options = dict(
         densities=case["densities"],
-        beta=case["beta"],
-        measure=case["measure"],
+        sparsity_weight=case["beta"],
+        sparsity_measure=case["measure"],
         renormalize=case["renormalize"],
         base=delta,
-        offspring=case.get("offspring", 1.0),
-        reference=reference,
+        offspring_density=case.get("offspring", 1.0),
+        dense_reference=reference,
+    )
+    expected = whole_tensor_sae(tensors, [0.6, 0.3], **options)
+    target = dict(
+        prune_target="delta" if delta is not None else "weights",
+        redense="original" if reference is not None else "parents",
     )
     for threads in (1, 2, 3):
         with parallel.kernel_threads(threads):
-            merged = sae_merge(
-                tensors,
-                [0.6, 0.3],
-                densities=case["densities"],
-                sparsity_weight=case["beta"],
-                sparsity_measure=case["measure"],
-                renormalize=case["renormalize"],
-                prune_target="delta" if delta is not None else "weights",
-                base=delta,
-                offspring_density=case.get("offspring", 1.0),
-                redense="original" if reference is not None else "parents",
-                dense_reference=reference,
-            )
+            merged = sae_merge(tensors, [0.6, 0.3], **target, **options)
         assert torch.equal(raw_bits(merged), raw_bits(expected)), threads
 
 
@@ -429,8 +429,7 @@ def test_underflowing_entries_mix_like_x_times_zero_pruning(monkeypatch, densiti
     tiny = torch.rand(4096, generator=generator) < 0.2
     tensors[0] = torch.where(tiny, torch.tensor(-1e-45), tensors[0])  # 0.3 * -1e-45 -> -0
     scores = [0.3, 0.7, 0.5][: len(densities)]
-    options = dict(beta=0.0, measure="zero_count", renormalize=True, base=None, reference=None)
-    expected = whole_tensor_sae(tensors, scores, densities=densities, offspring=1.0, **options)
+    expected = whole_tensor_sae(tensors, scores, densities=densities)
     assert bool((raw_bits(expected) == raw_bits(torch.tensor(-0.0))).any()) == negative_zeros
     for threads in (1, 2):
         with parallel.kernel_threads(threads):
