@@ -13,7 +13,7 @@ PACKAGE = Path(mergekit_sae.__file__).parent
 
 # Lowest first. A module may import modules of its own layer's part and of lower layers only.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "faults", "dtypes", "domains"),
+    ("errors", "faults", "dtypes", "domains", "parallel"),
     ("atomic", "sparsity", "records", "plugins"),
     ("methods",),
     ("evaluate",),
