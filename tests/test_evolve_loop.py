@@ -36,7 +36,7 @@ def parents(tmp_path_factory) -> list[Path]:
 
 
 def make_context(out: Path, parents: list[Path], **overrides) -> RunContext:
-    """A GA run (``sae`` overrides merge into its block)."""
+    """A GA run with eq. 5 offspring (``sae`` overrides merge into its block)."""
     data = {
         "models": [str(p) for p in parents],
         "tasks": [
@@ -46,7 +46,12 @@ def make_context(out: Path, parents: list[Path], **overrides) -> RunContext:
         "steps": 2,
         "dtype": "float32",
     }
-    sae = {"framework": "ga", "archive_size": 6, "sparsity_term": {"weight": 0.2}}
+    sae = {
+        "framework": "ga",
+        "crossover": "sae_evolve",
+        "archive_size": 6,
+        "sparsity_term": {"weight": 0.2},
+    }
     data.update(overrides, sae={**sae, **overrides.get("sae", {})})
     recipe = parse_recipe(data)
     return RunContext(

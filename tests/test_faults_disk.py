@@ -9,6 +9,7 @@ test may mount one, skipped otherwise), enlarged before the resume.
 from __future__ import annotations
 
 import errno
+import gc
 import subprocess
 from pathlib import Path
 
@@ -104,6 +105,7 @@ def small_tmpfs(tmp_path) -> Path:
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     yield mount
+    gc.collect()  # a finished run's memory maps into the tmpfs close when their objects go
     subprocess.run(["umount", str(mount)], check=False)
 
 
