@@ -47,7 +47,7 @@ def run_driver(recipe: str, out: Path, steps: int | None) -> tuple[float, float]
 
 def step_times(out: Path) -> dict[str, Any]:
     """Mean seconds per step (merge, write, score) and per offspring, from history.jsonl."""
-    from mergekit_sae.evolve.plots import read_history
+    from mergekit_sae.outputs.plots import read_history
 
     history = read_history(out / "history.jsonl")
     offspring = sum(len(r.offspring) for r in history)
@@ -63,12 +63,12 @@ def step_times(out: Path) -> dict[str, Any]:
 
 def offspring_stage(recipe_path: str) -> tuple[Any, list[Path], Path | None, dict[str, Any]]:
     """An sae_evolve record of the experts as the driver makes it, its base, its MergeKit config."""
-    from mergekit_sae.evolve.loop import offspring_record
-    from mergekit_sae.evolve.merging import model_stats
-    from mergekit_sae.evolve.population import Member
-    from mergekit_sae.evolve.recipe import load_recipe
-    from mergekit_sae.evolve.reproduce import stage_config
-    from mergekit_sae.evolve.runner import resolve_inputs
+    from mergekit_sae.merging.recipes import stage_config
+    from mergekit_sae.merging.stream import model_stats
+    from mergekit_sae.recipe.loading import load_recipe
+    from mergekit_sae.records import Member
+    from mergekit_sae.run import resolve_inputs
+    from mergekit_sae.search.sae_operators import offspring_record
     from mergekit_sae.sparsity import sparsity_from_stats
 
     recipe = load_recipe(recipe_path)
@@ -77,11 +77,14 @@ def offspring_stage(recipe_path: str) -> tuple[Any, list[Path], Path | None, dic
     for index, path in enumerate(inputs.models):
         member = Member(id=f"p{index}", path=str(path), origin="parent", source=str(path))
         stats = model_stats(path)
-        member.sparsity = sparsity_from_stats(stats, recipe.merge.sparsity_measure)
+        member.sparsity = sparsity_from_stats(stats, recipe.sparsity_measure)
         member.performance = 0.5 + 0.1 * index
         members[member.id] = member
     pair = list(members.values())
-    record = offspring_record(recipe, pair, pair, 0.3, inputs.dtype)
+    merge = recipe.settings_for("sae").merge
+    record = offspring_record(
+        merge, recipe, pair, pair, parent_density=1.0, child_density=0.7, dtype=inputs.dtype
+    )
     child = Member(id="child", path="child", origin="offspring", merge=record)
     base = inputs.base if record.base_model is not None else None
     return record, inputs.models, base, stage_config(child, members)
@@ -101,7 +104,7 @@ def merge_ratio(recipe_path: str, work: Path, repeat: int) -> dict[str, Any]:
     """Median seconds of one offspring merge: in-driver (sink, disk) vs a mergekit-yaml process."""
     import torch
 
-    from mergekit_sae.evolve.merging import stream_merge
+    from mergekit_sae.merging.stream import stream_merge
 
     record, models, base, config = offspring_stage(recipe_path)
     received: dict[str, torch.Tensor] = {}

@@ -1,6 +1,6 @@
 """The driver's peak memory and per-step time split on the ~0.5B bf16 model, by population size.
 
-Each population size runs `mergekit_sae.evolve.runner.run` in its own subprocess (so its
+Each population size runs `mergekit_sae.run.run` in its own subprocess (so its
 peak RSS is its own) with ``profile: true``, a resident bf16 scoring model and a cheap scorer
 (two probe "tasks" read from the resident weights, so the run measures the driver, not a
 benchmark), for a few steps. Reports the peak RSS of the whole process (initial population
@@ -67,8 +67,8 @@ class ProbeEvaluator:
 
 def child(args: argparse.Namespace) -> None:
     """One driver run (in this process); prints one JSON line with its peak RSS."""
-    from mergekit_sae.evolve.recipe import parse_recipe
-    from mergekit_sae.evolve.runner import run
+    from mergekit_sae.recipe.loading import parse_recipe
+    from mergekit_sae.run import run
 
     paths = build_models(args.hidden, args.layers, args.intermediate, args.vocab)
     recipe = parse_recipe(
@@ -85,7 +85,7 @@ def child(args: argparse.Namespace) -> None:
         }
     )
     out = Path(args.out)
-    from mergekit_sae.evolve.profiling import rss_mib
+    from mergekit_sae.driver.profiling import rss_mib
 
     evaluator = ProbeEvaluator(paths["a"])
     before = rss_mib()  # interpreter, libraries and the resident scoring model

@@ -29,8 +29,8 @@ ROOT = Path(__file__).parent.parent
 
 def one_run(data: dict[str, Any], out: Path) -> dict[str, Any]:
     """Run the recipe into ``out``; its wall seconds, step seconds and what must match."""
-    from mergekit_sae.evolve.recipe import parse_recipe
-    from mergekit_sae.evolve.runner import run
+    from mergekit_sae.recipe.loading import parse_recipe
+    from mergekit_sae.run import run
 
     start = time.perf_counter()
     state = run(parse_recipe(data), out, progress=False)

@@ -69,7 +69,7 @@ def bench_recipe(out: Path, *, anchor_first: str, density: float, test_subsample
 def run_part1(out: Path, density: float, seeds: int, test_subsample: int) -> list[dict]:
     """Both comparisons; one dict per run with the CSV's fields and the calibration report."""
     from mergekit_sae.compare.run import Comparison, compare
-    from mergekit_sae.evolve.checkpoint import load_state
+    from mergekit_sae.driver.checkpoint import load_state
 
     rows = []
     for anchor, methods in (("math", MATH_FIRST), ("multilingual", LANG_FIRST)):
@@ -181,10 +181,10 @@ class Scorer:
     """The testbed tasks scored on test subsamples by one resident model."""
 
     def __init__(self, anchor: Path, recipe: Path, seed: int):
+        from mergekit_sae.driver.context import derive_seed
         from mergekit_sae.evaluate import ResidentModel, load_task, subsample
-        from mergekit_sae.evolve.loop import derive_seed
-        from mergekit_sae.evolve.recipe import load_recipe
-        from mergekit_sae.evolve.scoring import ResidentEvaluator
+        from mergekit_sae.evaluate.evaluator import ResidentEvaluator
+        from mergekit_sae.recipe.loading import load_recipe
 
         parsed = load_recipe(recipe)
         self.tasks = [load_task(task) for task in parsed.tasks]
@@ -211,7 +211,7 @@ class Scorer:
 
 def kl_to_donor(scorer: Scorer, state, donor_targets, batches) -> float:
     """Token-mean KL(p_state || p_donor) on the calibration batches."""
-    from mergekit_sae.methods.scf_rkl_importance import next_token_kl
+    from mergekit_sae.calibration.scf_rkl import next_token_kl
 
     scorer.resident.load_weights(state)
     model = scorer.resident.model
@@ -245,7 +245,7 @@ def run_part2(out: Path, recipe: Path, density: float) -> dict[str, Any]:
     """Functional importance at `density`, math anchor, seed 0: what goes wrong, and a fix."""
     from safetensors.torch import load_file
 
-    from mergekit_sae.methods.scf_rkl_importance import (
+    from mergekit_sae.calibration.scf_rkl import (
         compute_importance,
         target_log_probs,
         tokenize_batches,

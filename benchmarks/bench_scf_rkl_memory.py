@@ -68,7 +68,7 @@ def child(root: Path, mode: str, batch_size: int, max_length: int) -> None:
     """Run one granularity in this process; print its figures as one JSON line."""
     import torch
 
-    from mergekit_sae.methods.scf_rkl_importance import compute_importance, peak_rss_mib
+    from mergekit_sae.calibration.scf_rkl import compute_importance, peak_rss_mib
 
     torch.set_num_threads(1)
     runtime = peak_rss_mib()

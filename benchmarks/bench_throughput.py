@@ -1,29 +1,39 @@
-"""Merge throughput against the I/O floor on a Llama-shaped bfloat16 model (about 0.5B params).
+"""Merge throughput against an I/O floor and MergeKit `linear`, on a Llama-shaped model.
 
 Builds (once, cached under a temporary folder) a base and two fine-tune-like variants (base +
-small noise) with random weights, then measures in one run, interleaved over rounds:
+small noise) with random weights, in bfloat16 and in float32 (about 0.47B parameters by
+default), then measures in one run, interleaved over rounds, for each dtype:
 
-- ``floor``: read the two variants with safetensors, add them with torch, write one output;
-- ``linear``: MergeKit ``linear`` in-process (``run_merge``);
+- ``floor``: the fastest plain pass: both variants memory-mapped with safetensors, tensor by
+  tensor one torch add (into a reused buffer), streamed to an output file whose header is
+  written first;
+- ``linear``: MergeKit ``linear`` in-process (``run_merge``, what ``mergekit-yaml`` runs);
 - ``sae``: ``sae_evolve`` without pruning; ``sae_pruned_weights`` / ``sae_pruned_delta``:
-  density 0.5 on the weights / on the task vectors (reads the base too), in-process;
+  density ``--density`` on the weights / on the task vectors (reads the base too), in-process;
 - ``driver_disk`` / ``driver_resident``: one offspring through the driver's ``stream_merge``
   (to disk; to disk and into a resident scoring model, as a step does).
 
-Throughput is GB/s of bytes read plus bytes written to disk; each method's ratio is to the
-floor of the same round. The last line printed is one JSON object.
+Throughput is GB/s of bytes read plus bytes written to disk. Every case gets two ratios from
+the same round: to the floor (GB/s over the floor's GB/s; the floor must beat ``linear``) and
+``x linear`` (its seconds over ``linear``'s). The last line printed is one JSON object.
 
-    python benchmarks/bench_throughput.py [--rounds 3] [--hidden 1024 --layers 24] [--write]
+``--profile CASE`` instead runs one merge of CASE under cProfile on one kernel thread and
+prints where the seconds go.
+
+    python benchmarks/bench_throughput.py [--rounds 3] [--dtypes bfloat16,float32] [--write]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
 import json
 import os
+import pstats
 import shutil
 import statistics
+import struct
 import tempfile
 import time
 from collections.abc import Callable
@@ -53,8 +63,10 @@ def llama_shapes(hidden: int, layers: int, intermediate: int, vocab: int) -> dic
     return shapes
 
 
-def write_config(path: Path, hidden: int, layers: int, intermediate: int, vocab: int) -> None:
-    """A transformers LlamaConfig for the shapes above, in bfloat16."""
+def write_config(
+    path: Path, hidden: int, layers: int, intermediate: int, vocab: int, dtype: str = "bfloat16"
+) -> None:
+    """A transformers LlamaConfig for the shapes above."""
     from transformers import LlamaConfig
 
     LlamaConfig(
@@ -66,16 +78,20 @@ def write_config(path: Path, hidden: int, layers: int, intermediate: int, vocab:
         num_key_value_heads=max(1, hidden // 64),
         tie_word_embeddings=False,
         max_position_embeddings=256,
-        dtype="bfloat16",
+        dtype=dtype,
         architectures=["LlamaForCausalLM"],
     ).save_pretrained(path)
 
 
-def build_models(hidden: int, layers: int, intermediate: int, vocab: int) -> dict[str, Path]:
-    """Base and variants a, b (base + noise) as bf16 safetensors, cached by shape."""
+def build_models(
+    hidden: int, layers: int, intermediate: int, vocab: int, dtype: str = "bfloat16"
+) -> dict[str, Path]:
+    """Base and variants a, b (base + noise) as safetensors, cached by shape and dtype."""
     from safetensors.torch import save_file
 
-    root = CACHE / f"h{hidden}-l{layers}-i{intermediate}-v{vocab}"
+    stored = getattr(torch, dtype)
+    suffix = "" if dtype == "bfloat16" else f"-{dtype}"
+    root = CACHE / f"h{hidden}-l{layers}-i{intermediate}-v{vocab}{suffix}"
     paths = {name: root / name for name in ("base", "a", "b")}
     if all((p / "model.safetensors").is_file() for p in paths.values()):
         return paths
@@ -84,18 +100,18 @@ def build_models(hidden: int, layers: int, intermediate: int, vocab: int) -> dic
     tensors = {}
     for name, shape in shapes.items():
         if name.endswith("norm.weight"):
-            tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
+            tensors[name] = torch.ones(shape, dtype=stored)
         else:
-            tensors[name] = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+            tensors[name] = (torch.randn(shape, generator=generator) * 0.02).to(stored)
     for key, seed in (("base", None), ("a", 1), ("b", 2)):
         paths[key].mkdir(parents=True, exist_ok=True)
-        write_config(paths[key], hidden, layers, intermediate, vocab)
+        write_config(paths[key], hidden, layers, intermediate, vocab, dtype)
         if seed is None:
             out = tensors
         else:
             noise = torch.Generator().manual_seed(seed)
             out = {
-                n: (t.float() + torch.randn(t.shape, generator=noise) * NOISE).to(torch.bfloat16)
+                n: (t.float() + torch.randn(t.shape, generator=noise) * NOISE).to(stored)
                 for n, t in tensors.items()
             }
         save_file(out, str(paths[key] / "model.safetensors"), metadata={"format": "pt"})
@@ -108,34 +124,57 @@ def model_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def floor(paths: dict[str, Path], out: Path) -> None:
-    """Read a and b tensor by tensor, add them in bf16 and write one safetensors file."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
-    merged = {}
+
+def floor(paths: dict[str, Path], out: Path) -> None:
+    """The plain pass: read a and b memory-mapped, add each pair of tensors into a reused
+    buffer, and stream the sums to one safetensors file (header first, then the data)."""
+    from safetensors import safe_open
+
+    out.mkdir(parents=True, exist_ok=True)
     with (
         safe_open(str(paths["a"] / "model.safetensors"), "pt") as fa,
         safe_open(str(paths["b"] / "model.safetensors"), "pt") as fb,
+        open(out / "model.safetensors", "wb") as output,
     ):
-        for name in fa.keys():  # noqa: SIM118 - safe_open is not a mapping
-            merged[name] = fa.get_tensor(name).add_(fb.get_tensor(name))
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(merged, str(out / "model.safetensors"), metadata={"format": "pt"})
+        names = list(fa.keys())  # noqa: SIM118 - safe_open is not a mapping
+        slices = [fa.get_slice(name) for name in names]
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, item in zip(names, slices, strict=True):
+            itemsize = SAFETENSORS_DTYPES[item.get_dtype()].itemsize
+            size = torch.Size(item.get_shape()).numel() * itemsize
+            header[name] = {
+                "dtype": item.get_dtype(),
+                "shape": item.get_shape(),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        output.write(struct.pack("<Q", len(raw)) + raw)
+        buffer = torch.empty(0)
+        for name in names:
+            left = fa.get_tensor(name)
+            if buffer.dtype != left.dtype or buffer.numel() < left.numel():
+                buffer = torch.empty(left.numel(), dtype=left.dtype)
+            total = buffer[: left.numel()].view(left.shape)
+            torch.add(left, fb.get_tensor(name), out=total)
+            output.write(total.reshape(-1).view(torch.uint8).numpy().data)
 
 
-def yaml_recipes(paths: dict[str, Path]) -> dict[str, dict]:
-    """MergeKit configurations of the in-process methods (all written in bfloat16)."""
+def yaml_recipes(paths: dict[str, Path], dtype: str, density: float) -> dict[str, dict]:
+    """MergeKit configurations of the in-process methods, written in ``dtype``."""
 
-    def sae(density: float, target: str) -> dict:
+    def sae(model_density: float, target: str) -> dict:
         recipe = {
             "merge_method": "sae_evolve",
             "models": [
-                {"model": str(paths[k]), "parameters": {"score": s, "density": density}}
+                {"model": str(paths[k]), "parameters": {"score": s, "density": model_density}}
                 for k, s in (("a", 0.6), ("b", 0.4))
             ],
             "parameters": {"sparsity_weight": 0.5, "prune_target": target},
-            "dtype": "bfloat16",
+            "dtype": dtype,
         }
         if target == "delta":
             recipe["base_model"] = str(paths["base"])
@@ -148,11 +187,11 @@ def yaml_recipes(paths: dict[str, Path]) -> dict[str, dict]:
                 {"model": str(paths["a"]), "parameters": {"weight": 0.6}},
                 {"model": str(paths["b"]), "parameters": {"weight": 0.4}},
             ],
-            "dtype": "bfloat16",
+            "dtype": dtype,
         },
         "sae": sae(1.0, "weights"),
-        "sae_pruned_weights": sae(DENSITY, "weights"),
-        "sae_pruned_delta": sae(DENSITY, "delta"),
+        "sae_pruned_weights": sae(density, "weights"),
+        "sae_pruned_delta": sae(density, "delta"),
     }
 
 
@@ -166,9 +205,9 @@ def run_in_process(recipe: dict, out: Path) -> None:
     run_merge(config, str(out), MergeOptions(quiet=True, copy_tokenizer=False))
 
 
-def offspring_record():
-    """The sae_evolve stage a search step makes (global scope, offspring pruned to 0.5)."""
-    from mergekit_sae.evolve.population import MergeInput, MergeRecord
+def offspring_record(dtype: str, density: float):
+    """The sae_evolve stage a search step makes (global scope, offspring pruned)."""
+    from mergekit_sae.records import MergeInput, MergeRecord
 
     return MergeRecord(
         method="sae_evolve",
@@ -182,21 +221,21 @@ def offspring_record():
             "sparsity_scope": "global",
             "renormalize": True,
             "prune_target": "weights",
-            "offspring_density": DENSITY,
+            "offspring_density": density,
             "redense": "parents",
         },
-        dtype="bfloat16",
+        dtype=dtype,
     )
 
 
-def resident_sink(path: Path) -> Callable[[str, torch.Tensor], None]:
+def resident_sink(path: Path, dtype: str) -> Callable[[str, torch.Tensor], None]:
     """The receive() of a ResidentEvaluator over the model at path (no tasks)."""
     from transformers import AutoModelForCausalLM
 
-    from mergekit_sae.evolve.scoring import ResidentEvaluator
+    from mergekit_sae.evaluate.evaluator import ResidentEvaluator
 
     class _Resident:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
         tokenizer = None
 
     return ResidentEvaluator(_Resident(), []).receive
@@ -210,6 +249,93 @@ def timed(fn: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
+Case = tuple[Callable[[Path], None], int]
+
+
+def dtype_cases(paths: dict[str, Path], dtype: str, density: float, only: set | None) -> dict:
+    """The timed cases of one dtype: name -> (run into an output folder, bytes moved)."""
+    from mergekit_sae.merging.stream import stream_merge
+
+    size = model_bytes(paths["a"])
+    record = offspring_record(dtype, density)
+    parents = [paths["a"], paths["b"]]
+    cases: dict[str, Case] = {"floor": (lambda out: floor(paths, out), size * 3)}
+    for name, recipe in yaml_recipes(paths, dtype, density).items():
+        inputs = 3 if "base_model" in recipe else 2
+        cases[name] = (lambda out, r=recipe: run_in_process(r, out), size * (inputs + 1))
+    cases["driver_disk"] = (lambda out: stream_merge(record, parents, None, out), size * 3)
+    if only is None or "driver_resident" in only:
+        sink = resident_sink(paths["a"], dtype)
+        cases["driver_resident"] = (
+            lambda out: stream_merge(record, parents, None, out, sink=sink),
+            size * 3,
+        )
+    keep = {"floor", "linear", *(only or cases)}
+    return {name: case for name, case in cases.items() if name in keep}
+
+
+def measure(cases: dict[str, dict[str, Case]], rounds: int, tmp: Path) -> dict[str, dict]:
+    """Seconds of every case in every round, dtypes and cases interleaved (reversed order on
+    odd rounds); per case the medians of seconds, GB/s, ratio to the floor and x linear."""
+    seconds = {d: {name: [] for name in c} for d, c in cases.items()}
+    to_floor = {d: {name: [] for name in c} for d, c in cases.items()}
+    to_linear = {d: {name: [] for name in c} for d, c in cases.items()}
+    order = [(d, name) for d, c in cases.items() for name in c]
+    for round_index in range(rounds):
+        for dtype, name in order if round_index % 2 == 0 else reversed(order):
+            out = tmp / f"{dtype}-{name}-{round_index}"
+            seconds[dtype][name].append(timed(lambda o=out, f=cases[dtype][name][0]: f(o)))
+            shutil.rmtree(out, ignore_errors=True)
+        for dtype, table in cases.items():
+            floor_rate = table["floor"][1] / seconds[dtype]["floor"][-1]
+            for name, (_, moved) in table.items():
+                to_floor[dtype][name].append(moved / seconds[dtype][name][-1] / floor_rate)
+                to_linear[dtype][name].append(
+                    seconds[dtype][name][-1] / seconds[dtype]["linear"][-1]
+                )
+    return {
+        dtype: {
+            name: {
+                "seconds": statistics.median(seconds[dtype][name]),
+                "gbps": moved / statistics.median(seconds[dtype][name]) / 1e9,
+                "ratio": statistics.median(to_floor[dtype][name]),
+                "x_linear": statistics.median(to_linear[dtype][name]),
+            }
+            for name, (_, moved) in table.items()
+        }
+        for dtype, table in cases.items()
+    }
+
+
+def summary(medians: dict[str, dict]) -> dict:
+    """The JSON result: per dtype, every case's GB/s, ratio to the floor and x linear."""
+    result = {}
+    for dtype, table in medians.items():
+        for name, row in table.items():
+            result[f"{dtype}_{name}_gbps"] = round(row["gbps"], 3)
+            if name != "floor":
+                result[f"{dtype}_ratio_{name}"] = round(row["ratio"], 3)
+            if name != "linear":
+                result[f"{dtype}_x_linear_{name}"] = round(row["x_linear"], 3)
+    return result
+
+
+def profile(case: Case, out: Path, top: int) -> None:
+    """One run of a case under cProfile on one kernel thread (workers are invisible to
+    cProfile): the functions that took the most seconds, inclusive and exclusive."""
+    from mergekit_sae import parallel
+
+    case[0](out / "warm-up")
+    with parallel.kernel_threads(1):
+        profiler = cProfile.Profile()
+        start = time.perf_counter()
+        profiler.runcall(case[0], out / "profiled")
+        print(f"wall {time.perf_counter() - start:.2f} s on one kernel thread")
+    stats = pstats.Stats(profiler)
+    stats.sort_stats("cumulative").print_stats(top)
+    stats.sort_stats("tottime").print_stats(top)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=1024)
@@ -217,8 +343,11 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--density", type=float, default=DENSITY)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--only", default=None, help="comma-separated subset of the methods")
+    parser.add_argument("--profile", default=None, help="profile one merge of this case")
     parser.add_argument("--keep", action="store_true", help="keep the cached models")
     parser.add_argument("--write", action="store_true", help="write results/throughput.*")
     args = parser.parse_args()
@@ -226,93 +355,72 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     import mergekit_sae.methods  # noqa: F401  (registers sae_evolve in this process)
-    from mergekit_sae.evolve.merging import stream_merge
 
-    paths = build_models(args.hidden, args.layers, args.intermediate, args.vocab)
-    size = {k: model_bytes(p) for k, p in paths.items()}
-    sink = resident_sink(paths["a"])
-    record = offspring_record()
-    recipes = yaml_recipes(paths)
-    cases: dict[str, tuple[Callable[[Path], None], int]] = {
-        "floor": (lambda out: floor(paths, out), size["a"] * 3),
-        **{
-            name: (
-                lambda out, r=recipe: run_in_process(r, out),
-                size["a"] * (4 if "base_model" in recipe else 3),
-            )
-            for name, recipe in recipes.items()
-        },
-        "driver_disk": (
-            lambda out: stream_merge(record, [paths["a"], paths["b"]], None, out),
-            size["a"] * 3,
-        ),
-        "driver_resident": (
-            lambda out: stream_merge(record, [paths["a"], paths["b"]], None, out, sink=sink),
-            size["a"] * 3,
-        ),
-    }
-    if args.only:
-        keep = {"floor", *args.only.split(",")}
-        cases = {k: v for k, v in cases.items() if k in keep}
-    seconds: dict[str, list[float]] = {name: [] for name in cases}
-    ratios: dict[str, list[float]] = {name: [] for name in cases}
+    dtypes = args.dtypes.split(",")
+    shape = (args.hidden, args.layers, args.intermediate, args.vocab)
+    paths = {dtype: build_models(*shape, dtype) for dtype in dtypes}
+    only = set(args.only.split(",")) if args.only else None
+    if args.profile:
+        only = {args.profile}
+    cases = {d: dtype_cases(paths[d], d, args.density, only) for d in dtypes}
+    CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        for round_index in range(args.rounds):
-            order = list(cases) if round_index % 2 == 0 else list(reversed(cases))
-            for name in order:
-                out = Path(tmp) / f"{name}-{round_index}"
-                seconds[name].append(timed(lambda fn=cases[name][0], o=out: fn(o)))
-                shutil.rmtree(out, ignore_errors=True)
-            for name in cases:
-                floor_rate = cases["floor"][1] / seconds["floor"][-1]
-                ratios[name].append(cases[name][1] / seconds[name][-1] / floor_rate)
-
-    gbps = {n: cases[n][1] / statistics.median(s) / 1e9 for n, s in seconds.items()}
-    ratio = {n: statistics.median(r) for n, r in ratios.items()}
-    params = size["a"] / 2 / 1e9
+        if args.profile:
+            profile(cases[dtypes[0]][args.profile], Path(tmp), 30)
+            return
+        medians = measure(cases, args.rounds, Path(tmp))
+    size = model_bytes(paths[dtypes[0]]["a"])
+    params = size / torch.empty((), dtype=getattr(torch, dtypes[0])).element_size() / 1e9
     header = (
-        f"model: {params:.2f}B parameters (bfloat16, {size['a'] / 1e9:.2f} GB), {args.rounds} "
-        f"rounds, torch threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f} on "
+        f"model: {params:.2f}B parameters, {args.rounds} rounds, density {args.density}, "
+        f"torch threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f} on "
         f"{os.cpu_count()} CPUs"
     )
+    rows = [
+        f"| {dtype} | {name} | {row['seconds']:.2f} | {row['gbps']:.3f} | {row['ratio']:.3f} "
+        f"| {row['x_linear']:.2f} |"
+        for dtype, table in medians.items()
+        for name, row in table.items()
+    ]
     print(header)
-    print(f"{'case':<20}{'median s':>10}{'GB/s':>8}{'ratio to floor':>16}")
-    rows = []
-    for name in cases:
-        median = statistics.median(seconds[name])
-        print(f"{name:<20}{median:>10.2f}{gbps[name]:>8.2f}{ratio[name]:>16.3f}")
-        rows.append(f"| {name} | {median:.2f} | {gbps[name]:.3f} | {ratio[name]:.3f} |")
-    pruned = [n for n in ("sae_pruned_weights", "sae_pruned_delta") if n in cases]
+    print(f"{'dtype':<10}{'case':<20}{'median s':>10}{'GB/s':>8}{'to floor':>10}{'x linear':>10}")
+    for dtype, table in medians.items():
+        for name, row in table.items():
+            print(
+                f"{dtype:<10}{name:<20}{row['seconds']:>10.2f}{row['gbps']:>8.2f}"
+                f"{row['ratio']:>10.3f}{row['x_linear']:>10.2f}"
+            )
     result = {
         "params_b": round(params, 3),
         "rounds": args.rounds,
+        "density": args.density,
         "load_avg": round(os.getloadavg()[0], 2),
-        **{f"{n}_gbps": round(v, 3) for n, v in gbps.items()},
-        **{f"ratio_{n}": round(v, 3) for n, v in ratio.items() if n != "floor"},
+        **summary(medians),
     }
-    if "sae" in cases:
-        result["sae_gbps"] = round(gbps["sae"], 3)
-    if pruned:
-        worst = min(pruned, key=lambda n: ratio[n])
-        result["sae_pruned_gbps"] = round(gbps[worst], 3)
-        result["ratio_sae_pruned"] = round(ratio[worst], 3)
-    if "driver_resident" in cases:
-        result["driver_ratio"] = round(ratio["driver_resident"], 3)
     if args.write:
         write_results(header, rows, result)
     if not args.keep:
-        shutil.rmtree(CACHE / paths["a"].parent.name, ignore_errors=True)
+        for folder in paths.values():
+            shutil.rmtree(folder["a"].parent, ignore_errors=True)
     print(json.dumps(result))
 
 
 def write_results(header: str, rows: list[str], result: dict) -> None:
-    """benchmarks/results/throughput.{md,json}."""
+    """benchmarks/results/throughput.{md,json}; the md keeps its sections (``## ...``)."""
     from mergekit_sae.atomic import write_text
 
     results = Path(__file__).parent / "results"
-    head = ["| case | median s | GB/s | ratio to floor |", "|---|---:|---:|---:|"]
+    head = [
+        "| dtype | case | median s | GB/s | to floor | x linear |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     table = "\n".join([*head, *rows])
-    write_text(results / "throughput.md", f"# Merge throughput\n\n{header}\n\n{table}\n")
+    markdown = results / "throughput.md"
+    text = markdown.read_text() if markdown.is_file() else ""
+    marker = text.find("\n## ")
+    sections = text[marker:] if marker >= 0 else ""
+    latest = f"```json\n{json.dumps(result)}\n```\n"
+    write_text(markdown, f"# Merge throughput\n\n{header}\n\n{table}\n\n{latest}{sections}")
     write_text(results / "throughput.json", json.dumps(result, indent=2) + "\n")
 
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import yaml
 
-from mergekit_sae.evolve import tracking
-from mergekit_sae.evolve.recipe import parse_recipe
-from mergekit_sae.evolve.runner import run
+from mergekit_sae.outputs import tracking
+from mergekit_sae.recipe.loading import parse_recipe
+from mergekit_sae.run import run
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "evolve_testbed.yml"
 
@@ -45,7 +45,7 @@ def timed_tracker_calls() -> dict[str, list[float]]:
     wrap(tracking.Tracker, "checkpointed", "checkpointed")
     wrap(tracking.Tracker, "final", "final")
     wrap(tracking.Tracker, "close", "close")
-    import mergekit_sae.evolve.runner as runner
+    import mergekit_sae.run as runner
 
     wrap(runner, "open_tracker", "open")
     return seconds

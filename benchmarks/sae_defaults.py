@@ -23,10 +23,11 @@ import yaml
 
 from mergekit_sae.atomic import write_text
 from mergekit_sae.compare.plan import set_field
+from mergekit_sae.driver.context import build_search, derive_seed
 from mergekit_sae.evaluate import subsample
-from mergekit_sae.evolve.loop import build_search, derive_seed
-from mergekit_sae.evolve.recipe import parse_recipe
-from mergekit_sae.evolve.runner import load_tasks, resident_evaluator, resolve_inputs, run
+from mergekit_sae.evaluate.evaluator import load_tasks
+from mergekit_sae.recipe.loading import parse_recipe
+from mergekit_sae.run import recipe_evaluator, resolve_inputs, run
 
 VALIDATION_SEED = 20261207
 
@@ -79,7 +80,7 @@ def run_variant(base: dict, overrides: dict, seed: int, folder: Path, size: int)
     state = run(recipe, folder, resume=True, progress=False)
     seconds = time.perf_counter() - start
     inputs = resolve_inputs(recipe, "variant")
-    evaluator = resident_evaluator(recipe, inputs, load_tasks(recipe, "variant"))
+    evaluator = recipe_evaluator(recipe, inputs, load_tasks(recipe.tasks, "variant"))
     draws = {search_draw(recipe, step) for step in range(1, state.step + 1)}
     items = validation_items(recipe, evaluator, draws, size)
     evaluator.load(folder)

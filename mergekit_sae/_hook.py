@@ -22,7 +22,7 @@ def _register_methods(module: object) -> None:
 
 def _guard_run_merge(module: object) -> None:
     """Wrap mergekit.merge.run_merge with recipe checks and an atomic output directory."""
-    from mergekit_sae.methods.run_guard import guard_module
+    from mergekit_sae.merging.run_guard import guard_module
 
     guard_module(module)
 

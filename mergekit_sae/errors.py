@@ -25,6 +25,7 @@ __all__ = [
     "TestbedError",
     "ConfigError",
     "PublishError",
+    "PluginError",
     "OutOfSpaceError",
 ]
 
@@ -90,6 +91,11 @@ class ConfigError(MergekitSaeError, ValueError):
 
 class PublishError(MergekitSaeError, ValueError):
     """A folder that cannot be published (not a complete model with a card)."""
+
+
+class PluginError(MergekitSaeError, ValueError):
+    """A plug-in (such as a task type) that cannot be loaded or registered; the message names
+    its entry point and distribution, or both owners of a name registered twice."""
 
 
 class OutOfSpaceError(MergekitSaeError, OSError):

@@ -14,7 +14,7 @@ from tiny_models import make_llama
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from mergekit_sae.evolve.merging import open_model
+from mergekit_sae.merging.stream import open_model
 
 WORDS = ["<pad>", "<s>", "</s>", "<unk>", "\n", "Q:", "A:", "####", "yes", "no", "red", "blue"]
 VOCAB = WORDS + [str(n) for n in range(20)]
@@ -137,8 +137,8 @@ def deep_lineage_recipe(models: Sequence[str]) -> dict:
 
 def run_fake(data: Mapping[str, Any], out: Path, **options: Any):
     """A whole evolve run of a recipe, scored by a FakeEvaluator, without progress bars."""
-    from mergekit_sae.evolve.recipe import parse_recipe
-    from mergekit_sae.evolve.runner import run
+    from mergekit_sae.recipe.loading import parse_recipe
+    from mergekit_sae.run import run
 
     return run(
         parse_recipe(dict(data)),

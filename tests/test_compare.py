@@ -122,8 +122,8 @@ def test_resume_keeps_finished_runs_and_adds_methods(tmp_path: Path, recipe_file
 
 def test_a_stopped_run_continues_on_resume(tmp_path: Path, recipe_file) -> None:
     from mergekit_sae.compare.plan import RunSpec
-    from mergekit_sae.evolve.recipe import parse_recipe
-    from mergekit_sae.evolve.runner import run
+    from mergekit_sae.recipe.loading import parse_recipe
+    from mergekit_sae.run import run
 
     out = tmp_path / "s"
     whole, _ = run_compare(recipe_file, tmp_path / "whole", methods=["sae"])
@@ -168,7 +168,7 @@ def test_sweep_runs_the_changed_recipe(tmp_path: Path, recipe_file) -> None:
     assert [r.method for r in rows] == ["sae", "sae", "sae[sae.alpha=0.0]"] * 1 + [
         "sae[sae.alpha=0.0]"
     ]
-    from mergekit_sae.evolve.checkpoint import load_state
+    from mergekit_sae.driver.checkpoint import load_state
 
     state = load_state(tmp_path / "w" / "sae_sae.alpha=0.0_" / "seed0")
     assert state.recipe["search_settings"]["sae"]["alpha"] == 0.0
@@ -204,7 +204,7 @@ def test_tensorboard_option_gives_every_run_its_own_log(tmp_path: Path, recipe_f
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from mergekit_sae.evolve.checkpoint import load_state
+    from mergekit_sae.driver.checkpoint import load_state
 
     logs = tmp_path / "tb"
     comparison = Comparison(

@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 import mergekit_sae.evaluate as evaluate
+from mergekit_sae.errors import PluginError
 from mergekit_sae.evaluate import (
     GenerateExactMatchTask,
     GenerateTextMatchTask,
@@ -17,6 +18,7 @@ from mergekit_sae.evaluate import (
     MultipleChoiceTask,
     Task,
     TaskDataError,
+    TaskSettings,
     TaskSpec,
     TaskType,
     load_task,
@@ -62,9 +64,12 @@ def test_builtin_types_declare_their_options_keys_and_scorers():
         assert kind.reads_jsonl is bool(keys)
 
 
-def test_every_spec_field_is_general_or_some_types_option():
+def test_the_spec_holds_general_fields_and_each_types_options_are_its_settings_model():
+    assert set(TaskSpec.model_fields) == GENERAL_FIELDS | {"settings"}
+    for kind in task_types().values():
+        assert kind.options == tuple(kind.settings_model.model_fields)
+        assert issubclass(kind.settings_model, TaskSettings)
     options = {o for kind in task_types().values() for o in kind.options}
-    assert set(TaskSpec.model_fields) == GENERAL_FIELDS | options
     assert not GENERAL_FIELDS & options
 
 
@@ -80,6 +85,12 @@ class WordCountTask(Task):
         return [{"score": float(len(i["prompt"].split()) == i["words"])} for i in items]
 
 
+class WordCountSettings(TaskSettings):
+    """The one option of the `word_count` type."""
+
+    max_new_tokens: int = Field(32, ge=1, description="unused by the scorer")
+
+
 def word_count_problem(item):
     return "'words' must be >= 0" if item["words"] < 0 else None
 
@@ -92,7 +103,7 @@ def word_count(monkeypatch):
         TaskType(
             name="word_count",
             task_class=WordCountTask,
-            options=("max_new_tokens",),
+            settings_model=WordCountSettings,
             item_keys={"prompt": str, "words": int},
             check_item=word_count_problem,
         )
@@ -127,16 +138,26 @@ def test_registering_a_name_twice_is_an_error(word_count):
         register_task_type(TaskType(name="word_count", task_class=WordCountTask))
 
 
-def test_an_option_that_is_not_a_spec_field_is_reported(monkeypatch, tmp_path):
+class OddSettings(TaskSettings):
+    """Options of a type that shadows a general field."""
+
+    batch_size: int = 4
+
+
+def test_an_option_named_like_a_general_field_is_reported(monkeypatch, tmp_path):
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     register_task_type(
-        TaskType(
-            name="odd", task_class=WordCountTask, options=("temperature",), item_keys={"p": str}
-        )
+        TaskType(name="odd", task_class=WordCountTask, settings_model=OddSettings, item_keys={})
     )
-    path = write_jsonl(tmp_path / "o.jsonl", [{"p": "x"}])
-    with pytest.raises(ValidationError, match=r"option\(s\) \['temperature'\] that TaskSpec lacks"):
-        TaskSpec(name="o", type="odd", test=path)
+    with pytest.raises(ValidationError, match=r"declares \['batch_size'\], which are general"):
+        TaskSpec(name="o", type="odd")
+
+
+def test_a_settings_model_must_derive_from_task_settings(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    with pytest.raises(PluginError, match="'odd': settings_model must be a subclass"):
+        register_task_type(TaskType(name="odd", task_class=WordCountTask, settings_model=dict))
+    assert "odd" not in registry._REGISTRY
 
 
 def evaluate_imports() -> dict[str, set[str]]:

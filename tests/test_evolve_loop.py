@@ -17,17 +17,12 @@ from evolve_fixtures import (
     tiny_llama,
 )
 
-from mergekit_sae.evolve.checkpoint import HISTORY_FILE, load_state
-from mergekit_sae.evolve.loop import (
-    RunContext,
-    derive_seed,
-    evolve,
-    initial_population,
-    training_subsample,
-)
-from mergekit_sae.evolve.population import Member, lineage, member_dir
-from mergekit_sae.evolve.recipe import parse_recipe
-from mergekit_sae.evolve.runner import run
+from mergekit_sae.driver.checkpoint import HISTORY_FILE, load_state
+from mergekit_sae.driver.context import RunContext, derive_seed, training_subsample
+from mergekit_sae.driver.loop import evolve, initial_population
+from mergekit_sae.recipe.loading import parse_recipe
+from mergekit_sae.records import Member, lineage, member_dir
+from mergekit_sae.run import run
 from mergekit_sae.search.sae_ga import random_pairs, replacement_slot
 from mergekit_sae.search.sae_operators import offspring_record
 
@@ -41,7 +36,7 @@ def parents(tmp_path_factory) -> list[Path]:
 
 
 def make_context(out: Path, parents: list[Path], **overrides) -> RunContext:
-    """A GA run (``sae`` overrides merge into its block)."""
+    """A GA run with eq. 5 offspring (``sae`` overrides merge into its block)."""
     data = {
         "models": [str(p) for p in parents],
         "tasks": [
@@ -51,7 +46,12 @@ def make_context(out: Path, parents: list[Path], **overrides) -> RunContext:
         "steps": 2,
         "dtype": "float32",
     }
-    sae = {"framework": "ga", "archive_size": 6, "sparsity_term": {"weight": 0.2}}
+    sae = {
+        "framework": "ga",
+        "crossover": "sae_evolve",
+        "archive_size": 6,
+        "sparsity_term": {"weight": 0.2},
+    }
     data.update(overrides, sae={**sae, **overrides.get("sae", {})})
     recipe = parse_recipe(data)
     return RunContext(
@@ -214,7 +214,7 @@ def test_redense_original_run_finishes_with_a_recipe(tmp_path: Path, parents) ->
 def test_resident_evaluator_receives_tensors_in_place(parents) -> None:
     """A merged tensor lands in the scoring model's own parameter; misfits are named."""
     from mergekit_sae.evaluate import ResidentModel, WeightLoadError
-    from mergekit_sae.evolve.scoring import ResidentEvaluator
+    from mergekit_sae.evaluate.evaluator import ResidentEvaluator
 
     resident = ResidentModel(parents[0], device="cpu")
     evaluator = ResidentEvaluator(resident, tasks=[])

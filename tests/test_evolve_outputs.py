@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mergekit_sae.evolve.card import CARD_FILE, is_hub_id, render_card, results_table, write_card
-from mergekit_sae.evolve.plots import (
+from mergekit_sae.outputs.card import CARD_FILE, is_hub_id, render_card, results_table, write_card
+from mergekit_sae.outputs.plots import (
     plot_fitness,
     plot_sparsity,
     plot_test_accuracy,
     read_history,
     write_plots,
 )
-from mergekit_sae.evolve.population import OffspringRecord, StepRecord
+from mergekit_sae.records import OffspringRecord, StepRecord
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from mergekit_sae.evolve.population import Member, MergeInput, MergeRecord, lineage, performance
+from mergekit_sae.records import Member, MergeInput, MergeRecord, lineage, performance
 from mergekit_sae.search.niches import best_index, worst_index
 from mergekit_sae.search.sae_ga import plain_fitness, random_pairs, replacement_slot
 from mergekit_sae.search.sae_operators import initial_layout, pruning_rates

@@ -8,7 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from mergekit_sae.cli import main
-from mergekit_sae.evolve import publish as publish_mod
+from mergekit_sae.cli.publish import publish as publish_command
+from mergekit_sae.outputs import publish as publish_mod
 
 FILES = {
     "config.json": b"{}",
@@ -51,7 +52,7 @@ def test_dry_run_lists_paths_and_sizes_without_network(out_dir: Path, monkeypatc
 
     monkeypatch.setattr("huggingface_hub.HfApi.__init__", no_network)
     result = CliRunner().invoke(
-        publish_mod.publish, [str(out_dir), "--repo-id", "me/model", "--dry-run", "--private"]
+        publish_command, [str(out_dir), "--repo-id", "me/model", "--dry-run", "--private"]
     )
     assert result.exit_code == 0, result.output
     listed = {line.split()[0]: line for line in result.output.splitlines()[1:-1]}
@@ -88,7 +89,7 @@ def test_upload_calls_hub_with_exclusions(out_dir: Path, monkeypatch) -> None:
     FakeApi.calls = []
     monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
     args = [str(out_dir), "--repo-id", "me/model", "--private", "--token", "tok"]
-    result = CliRunner().invoke(publish_mod.publish, [*args, "--commit-message", "first"])
+    result = CliRunner().invoke(publish_command, [*args, "--commit-message", "first"])
     assert result.exit_code == 0, result.output
     names = [name for name, _, _ in FakeApi.calls]
     assert names == ["init", "create_repo", "upload_folder"]
@@ -114,7 +115,7 @@ def test_upload_calls_hub_with_exclusions(out_dir: Path, monkeypatch) -> None:
 def test_public_by_default(out_dir: Path, monkeypatch) -> None:
     FakeApi.calls = []
     monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
-    result = CliRunner().invoke(publish_mod.publish, [str(out_dir), "--repo-id", "me/model"])
+    result = CliRunner().invoke(publish_command, [str(out_dir), "--repo-id", "me/model"])
     assert result.exit_code == 0, result.output
     assert FakeApi.calls[1][2]["private"] is False
     assert FakeApi.calls[0][2] == {"token": None}
@@ -148,7 +149,7 @@ def test_missing_folder_and_bad_repo_id(tmp_path: Path, out_dir: Path) -> None:
     runner = CliRunner()
     result = runner.invoke(main, ["publish", str(tmp_path / "nope"), "--repo-id", "me/x"])
     assert result.exit_code == 1 and "not a directory" in result.output
-    result = runner.invoke(publish_mod.publish, [str(out_dir), "--repo-id", "justname"])
+    result = runner.invoke(publish_command, [str(out_dir), "--repo-id", "justname"])
     assert result.exit_code != 0 and "USER/NAME" in result.output
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ from click.testing import CliRunner
 from evolve_fixtures import VOCAB, recipe_data, task_files, tiny_llama
 
 from mergekit_sae.cli import main
-from mergekit_sae.evolve.recipe import Recipe, RecipeError, parse_recipe
+from mergekit_sae.recipe.loading import parse_recipe
+from mergekit_sae.recipe.schema import Recipe, RecipeError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -167,3 +169,26 @@ def test_recipe_field_reference_is_complete() -> None:
     """Every recipe field has a default except the models and tasks."""
     required = {name for name, field in Recipe.model_fields.items() if field.is_required()}
     assert required == {"models", "tasks"}
+
+
+def evolve_recipes() -> list[Path]:
+    """The evolve recipes shipped in recipes/ (plain MergeKit recipes have a merge_method)."""
+    root = Path(__file__).parent.parent / "recipes"
+    found = sorted(root.rglob("*.yml"))
+    return [p for p in found if "tasks" in (yaml.safe_load(p.read_text(encoding="utf-8")) or {})]
+
+
+@pytest.mark.parametrize("path", evolve_recipes(), ids=lambda p: p.name)
+def test_every_shipped_evolve_recipe_validates(tmp_path: Path, path: Path) -> None:
+    """The recipes in recipes/ follow the current layout (their JSONL files stand in here)."""
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for task in data["tasks"]:
+        for split in ("train", "test"):
+            if split in task:
+                stand_in = tmp_path / task["name"] / f"{split}.jsonl"
+                stand_in.parent.mkdir(exist_ok=True)
+                item = {"prompt": "q", "answer": "1", "choices": ["a"], "label": 0}
+                stand_in.write_text(json.dumps(item) + "\n")
+                task[split] = str(stand_in)
+    recipe = parse_recipe(data, str(path))
+    assert recipe.tasks and recipe.search in ("sae", "m2n2", "pso", "cmaes", "oneshot")

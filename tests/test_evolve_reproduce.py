@@ -10,9 +10,7 @@ import yaml
 from safetensors.torch import load_file
 from tiny_models import make_llama
 
-from mergekit_sae.evolve.merging import stream_merge
-from mergekit_sae.evolve.population import Member, MergeInput, MergeRecord, lineage
-from mergekit_sae.evolve.reproduce import (
+from mergekit_sae.merging.recipes import (
     RECIPE_FILE,
     copy_stage_name,
     load_stages,
@@ -20,6 +18,8 @@ from mergekit_sae.evolve.reproduce import (
     run_recipe,
     write_recipe,
 )
+from mergekit_sae.merging.stream import stream_merge
+from mergekit_sae.records import Member, MergeInput, MergeRecord, lineage
 
 
 def tiny_llama(path: Path, seed: int, *, tied: bool = False, dtype=torch.float32) -> Path:
@@ -147,7 +147,7 @@ def test_mergekit_sae_merge_runs_a_multi_stage_file(tmp_path: Path, parents) -> 
     """`mergekit-sae merge` runs the written multi-stage file like mergekit-multi."""
     from click.testing import CliRunner
 
-    from mergekit_sae.merge_cli import merge
+    from mergekit_sae.cli.merge import merge
 
     stages = [
         ("m0003", rec("linear", [("a", {"weight": 0.3}), ("b", {"weight": 0.7})])),

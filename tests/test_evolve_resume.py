@@ -19,9 +19,9 @@ from evolve_fixtures import (
     tiny_llama,
 )
 
-from mergekit_sae.evolve.checkpoint import load_state, state_path
-from mergekit_sae.evolve.recipe import parse_recipe
-from mergekit_sae.evolve.runner import run
+from mergekit_sae.driver.checkpoint import load_state, state_path
+from mergekit_sae.recipe.loading import parse_recipe
+from mergekit_sae.run import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

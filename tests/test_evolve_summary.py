@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from mergekit_sae.evolve.population import TestResult
-from mergekit_sae.evolve.summary import results_table
+from mergekit_sae.outputs.summary import results_table
+from mergekit_sae.records import TestResult
 
 
 def row(label: str, scores: dict[str, float], mean: float, zeros: float) -> TestResult:

@@ -9,6 +9,7 @@ test may mount one, skipped otherwise), enlarged before the resume.
 from __future__ import annotations
 
 import errno
+import gc
 import subprocess
 from pathlib import Path
 
@@ -18,9 +19,9 @@ from evolve_fixtures import assert_identical, recipe_data, task_files, tiny_llam
 from yaml import safe_dump
 
 from mergekit_sae import atomic, cli
-from mergekit_sae.evolve.checkpoint import load_state
-from mergekit_sae.evolve.recipe import parse_recipe
-from mergekit_sae.evolve.runner import run
+from mergekit_sae.driver.checkpoint import load_state
+from mergekit_sae.recipe.loading import parse_recipe
+from mergekit_sae.run import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -104,6 +105,7 @@ def small_tmpfs(tmp_path) -> Path:
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     yield mount
+    gc.collect()  # a finished run's memory maps into the tmpfs close when their objects go
     subprocess.run(["umount", str(mount)], check=False)
 
 

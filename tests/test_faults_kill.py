@@ -33,9 +33,9 @@ from safetensors import safe_open
 
 from mergekit_sae import faults
 from mergekit_sae.atomic import is_leftover
-from mergekit_sae.evolve.checkpoint import load_state
-from mergekit_sae.evolve.recipe import parse_recipe
-from mergekit_sae.evolve.runner import run
+from mergekit_sae.driver.checkpoint import load_state
+from mergekit_sae.recipe.loading import parse_recipe
+from mergekit_sae.run import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,7 +54,7 @@ ENV = {
 # CLI with them, and answers with the child's exit code (negative: killed by that signal).
 FORK_SERVER = r"""
 import json, os, sys
-import mergekit_sae.cli, mergekit_sae.evolve.runner, mergekit_sae.evaluate.resident
+import mergekit_sae.cli, mergekit_sae.run, mergekit_sae.evaluate.resident
 from mergekit_sae import faults
 for line in sys.stdin:
     request = json.loads(line)
@@ -173,6 +173,11 @@ def chains(trace: list[str], moments: list[int], length: int) -> list[list[tuple
     return open_chains
 
 
+def default_sigint() -> None:
+    """Give the child the default SIGINT action, as a terminal's Ctrl-C finds it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def command(recipe: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "mergekit_sae.cli", *arguments(recipe, out, *extra)]
 
@@ -258,7 +263,12 @@ def test_ctrl_c_prints_one_line_and_resume_is_bit_identical(
     out = tmp_path / "interrupted"
     env = {**ENV, faults.ENV: "score:2:int"}
     done = subprocess.run(
-        command(reference.recipe, out), env=env, capture_output=True, text=True, timeout=300
+        command(reference.recipe, out),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=default_sigint,  # a suite started in the background inherits SIGINT ignored
     )
     assert done.returncode == 130
     assert "Traceback" not in done.stderr

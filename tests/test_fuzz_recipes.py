@@ -28,9 +28,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mergekit_sae import cli
+from mergekit_sae import run as runner
+from mergekit_sae.driver.checkpoint import RunState
 from mergekit_sae.errors import MergekitSaeError
-from mergekit_sae.evolve import runner
-from mergekit_sae.evolve.checkpoint import RunState
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from method_fixtures import build_tiny_llama, load_weights, run_cli, write_recipe
 
-from mergekit_sae.evolve.merging import stream_merge
-from mergekit_sae.evolve.population import MergeInput, MergeRecord
+from mergekit_sae.merging.stream import stream_merge
 from mergekit_sae.methods.dare_seeded import dare_seeded_tensor, keep_mask, mask_seed
+from mergekit_sae.records import MergeInput, MergeRecord
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,13 +16,13 @@ from mergekit.options import MergeOptions
 from method_fixtures import build_tiny_llama
 
 from mergekit_sae.errors import OutputMissingError
-from mergekit_sae.methods import register_all
-from mergekit_sae.methods.run_guard import (
+from mergekit_sae.merging.run_guard import (
     RUN_MERGE_ARGUMENTS,
     WALKED_PARAMETERS,
     guarded_run_merge,
     run_merge_atomic,
 )
+from mergekit_sae.methods import register_all
 
 OPTIONS = MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False)
 

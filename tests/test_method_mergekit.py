@@ -16,7 +16,7 @@ from mergekit.options import MergeOptions
 from method_fixtures import build_tiny_llama, load_weights, run_cli, save_weights, write_recipe
 
 from mergekit_sae.cli import main
-from mergekit_sae.merge_cli import merge as merge_command
+from mergekit_sae.cli.merge import merge as merge_command
 from mergekit_sae.methods import register_all
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -281,7 +281,7 @@ def test_mergekit_sae_merge_reports_bad_input_and_writes_nothing(models, tmp_pat
 
 
 def test_recipe_check_covers_slices_and_suggests_names():
-    from mergekit_sae.methods.run_guard import check_recipe_parameters
+    from mergekit_sae.merging.run_guard import check_recipe_parameters
 
     register_all()
     source = {"model": "/m/a", "layer_range": [0, 2]}

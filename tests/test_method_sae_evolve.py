@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mergekit.merge_methods import get, merge_tensors, registered_methods
 
+from mergekit_sae import parallel
 from mergekit_sae.methods import register_all
 from mergekit_sae.methods.sae_evolve import sae_merge, sae_mixing_weights
 
@@ -257,3 +258,208 @@ def test_merging_identical_models_returns_that_model(
         renormalize=renormalize,
     )
     torch.testing.assert_close(merged, tensor, rtol=1e-6, atol=1e-7)
+
+
+def stable_keep(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep mask of the k entries first in (larger magnitude, then earlier position) order."""
+    order = torch.sort(magnitudes.double(), descending=True, stable=True).indices
+    keep = torch.zeros(magnitudes.numel(), dtype=torch.bool)
+    keep[order[:k]] = True
+    return keep
+
+
+def whole_tensor_sae(
+    tensors,
+    scores,
+    *,
+    densities,
+    sparsity_weight=0.0,
+    sparsity_measure="zero_count",
+    renormalize=True,
+    base=None,
+    offspring_density=1.0,
+    dense_reference=None,
+):
+    """sae_merge written as whole-tensor passes: stable-sort selections, x * keep pruning,
+    eq. 5, where-based re-densing, the attraction mix and offspring pruning, in float32 (a
+    parent pruned to no entry is +0, as in the kernel)."""
+    flats = [t.flatten().float() for t in tensors]
+    origin = base.flatten().float() if base is not None else None
+    parts = [f - origin if origin is not None else f for f in flats]
+    pruned = []
+    for tensor, part, density in zip(tensors, parts, densities, strict=True):
+        magnitudes = (tensor.flatten() if origin is None else part).abs()
+        k = round(density * part.numel())
+        pruned.append(part * stable_keep(magnitudes, k) if k else torch.zeros_like(part))
+    rhos = []
+    for part in pruned:
+        n = part.numel()
+        if sparsity_measure == "zero_count":
+            rhos.append(int((part == 0).sum()) / n)
+        else:  # Hoyer from float64 L1 and squared L2
+            l1, l2 = float(part.double().abs().sum()), float(part.double().square().sum())
+            rhos.append(min(1.0, max(0.0, (n**0.5 - l1 / l2**0.5) / (n**0.5 - 1.0))))
+    weights = eq5(scores, rhos, sparsity_weight)
+    if dense_reference is not None:
+        redense = dense_reference.flatten().float()
+        redense = redense - origin if origin is not None else redense
+        pruned = [torch.where(part == 0, redense, part) for part in pruned]
+    total = torch.zeros_like(pruned[0])
+    present = torch.zeros_like(pruned[0])
+    for part, weight in zip(pruned, weights, strict=True):
+        total.add_(part, alpha=weight)
+        present.add_(part.abs().sign_(), alpha=weight)
+    merged = (
+        total.div_(present.clamp_min_(torch.finfo(torch.float32).tiny)) if renormalize else total
+    )
+    k = round(offspring_density * merged.numel())
+    if k < merged.numel():
+        merged = (merged * stable_keep(merged.abs(), k)).add_(0.0)
+    if origin is not None:
+        merged = merged.add_(origin)
+    return merged.to(tensors[0].dtype).view(tensors[0].shape)
+
+
+def raw_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor (so -0 and +0 differ)."""
+    return tensor.contiguous().view({2: torch.int16, 4: torch.int32}[tensor.element_size()])
+
+
+KERNEL_CASES = [
+    dict(densities=[1.0, 1.0], beta=0.5, measure="zero_count", renormalize=True),
+    dict(densities=[0.5, 0.3], beta=0.5, measure="zero_count", renormalize=True),
+    dict(densities=[0.9, 0.6], beta=0.7, measure="magnitude", renormalize=True),
+    dict(densities=[0.5, 1.0], beta=0.5, measure="zero_count", renormalize=False),
+    dict(densities=[0.4, 0.7], beta=1.0, measure="zero_count", renormalize=True, delta=True),
+    dict(densities=[1.0, 1.0], beta=1.0, measure="zero_count", renormalize=True, offspring=0.45),
+    dict(
+        densities=[0.6, 0.5],
+        beta=2.0,
+        measure="magnitude",
+        renormalize=True,
+        delta=True,
+        offspring=0.7,
+    ),
+    dict(densities=[0.6, 0.9], beta=0.5, measure="zero_count", renormalize=True, reference=True),
+]
+
+
+@pytest.mark.usefixtures("one_thread")  # the reference's float64 norms on one thread too
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", KERNEL_CASES)
+def test_kernel_matches_whole_tensor_passes_bit_for_bit_at_any_thread_count(
+    monkeypatch, dtype, case
+):
+    monkeypatch.setattr(parallel, "CHUNK", 64)  # many chunks and blocks in a small tensor
+    generator = torch.Generator().manual_seed(21)
+    base = ((torch.randn(61, 53, generator=generator) * 8).round() / 8).to(dtype)
+    tensors = []
+    for zero_fraction in (0.1, 0.5):
+        noise = (torch.randn(61, 53, generator=generator) * 4).round() / 8
+        noise *= torch.rand(61, 53, generator=generator) >= zero_fraction
+        tensors.append((base.float() + noise).to(dtype) if case.get("delta") else noise.to(dtype))
+    reference = torch.randn(61, 53, generator=generator) if case.get("reference") else None
+    delta = base if case.get("delta") else None
+    options = dict(
+        densities=case["densities"],
+        sparsity_weight=case["beta"],
+        sparsity_measure=case["measure"],
+        renormalize=case["renormalize"],
+        base=delta,
+        offspring_density=case.get("offspring", 1.0),
+        dense_reference=reference,
+    )
+    expected = whole_tensor_sae(tensors, [0.6, 0.3], **options)
+    target = dict(
+        prune_target="delta" if delta is not None else "weights",
+        redense="original" if reference is not None else "parents",
+    )
+    for threads in (1, 2, 3):
+        with parallel.kernel_threads(threads):
+            merged = sae_merge(tensors, [0.6, 0.3], **target, **options)
+        assert torch.equal(raw_bits(merged), raw_bits(expected)), threads
+
+
+def test_a_pruned_entry_keeps_its_sign_of_zero_through_an_underflow():
+    # 0.3 * -1e-45 underflows to -0; b's pruned -0.5 then adds -0, so the result is -0
+    a = torch.tensor([-1e-45, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    b = torch.tensor([-0.5, 9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0])
+    merged = sae_merge([a, b], [0.3, 0.7], densities=[1.0, 0.5])
+    assert raw_bits(merged)[0] == raw_bits(torch.tensor(-0.0))
+
+
+def test_pruned_merge_above_two_to_the_24_is_the_same_at_one_and_two_threads():
+    generator = torch.Generator().manual_seed(5)
+    n = (1 << 24) + 333
+    tensors = [torch.randn(n, generator=generator).to(torch.bfloat16) for _ in range(2)]
+    merged = {}
+    for threads in (1, 2):
+        with parallel.kernel_threads(threads):
+            merged[threads] = sae_merge(
+                tensors, [0.5, 0.4], densities=[0.5, 0.3], offspring_density=0.25
+            )
+    assert torch.equal(raw_bits(merged[1]), raw_bits(merged[2]))
+    assert int((merged[1] != 0).sum()) == round(0.25 * n)
+
+
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        (torch.bfloat16, torch.float16),
+        (torch.bfloat16, torch.bfloat16, torch.float32),
+        (torch.float16, torch.float64),
+    ],
+)
+def test_the_result_has_the_dtype_the_inputs_promote_to(dtypes):
+    tensors = [t.to(dtype) for t, dtype in zip(sparse_tensors(len(dtypes)), dtypes, strict=True)]
+    expected = dtypes[0]
+    for dtype in dtypes[1:]:
+        expected = torch.promote_types(expected, dtype)
+    assert sae_merge(tensors, [0.5] * len(tensors)).dtype == expected
+
+
+@pytest.mark.parametrize(
+    ("densities", "negative_zeros"),
+    [([1.0, 0.5], True), ([1.0, 0.3, 0.4], True), ([1.0, 1e-9], False)],
+)
+def test_underflowing_entries_mix_like_x_times_zero_pruning(monkeypatch, densities, negative_zeros):
+    monkeypatch.setattr(parallel, "CHUNK", 64)
+    generator = torch.Generator().manual_seed(8)
+    tensors = [torch.randn(4096, generator=generator) for _ in densities]
+    tiny = torch.rand(4096, generator=generator) < 0.2
+    tensors[0] = torch.where(tiny, torch.tensor(-1e-45), tensors[0])  # 0.3 * -1e-45 -> -0
+    scores = [0.3, 0.7, 0.5][: len(densities)]
+    expected = whole_tensor_sae(tensors, scores, densities=densities)
+    assert bool((raw_bits(expected) == raw_bits(torch.tensor(-0.0))).any()) == negative_zeros
+    for threads in (1, 2):
+        with parallel.kernel_threads(threads):
+            merged = sae_merge(tensors, scores, densities=densities)
+        assert torch.equal(raw_bits(merged), raw_bits(expected)), threads
+
+
+def test_non_finite_inputs_are_named_under_delta_and_an_overflowing_difference_is_not():
+    generator = torch.Generator().manual_seed(4)
+    base, a, b, reference = (torch.randn(40, 30, generator=generator) for _ in range(4))
+    options = dict(densities=[0.5, 0.5], prune_target="delta", name="w")
+    bad_base = base.clone()
+    bad_base[7, 3] = float("nan")
+    with pytest.raises(ValueError, match="w: base_model contains 1 NaN and 0 Inf values"):
+        sae_merge([a, b], [0.5, 0.5], base=bad_base, **options)
+    bad_b = b.clone()
+    bad_b[0, 0] = float("-inf")
+    with pytest.raises(ValueError, match="w: input 1 contains 0 NaN and 1 Inf values"):
+        sae_merge([a, bad_b], [0.5, 0.5], base=base, **options)
+    bad_reference = reference.clone()
+    bad_reference[1, 1] = float("inf")
+    with pytest.raises(ValueError, match="w: dense reference contains 0 NaN and 1 Inf values"):
+        sae_merge(
+            [a, b],
+            [0.5, 0.5],
+            base=base,
+            redense="original",
+            dense_reference=bad_reference,
+            **options,
+        )
+    a[0, 0], base[0, 0] = 3e38, -3e38  # finite inputs whose task vector overflows to +inf
+    merged = sae_merge([a, b], [0.5, 0.5], base=base, **options)
+    assert merged[0, 0] == float("inf")  # mixed as the whole-tensor passes mix it

@@ -15,6 +15,7 @@ from mergekit.merge_methods import get, merge_tensors
 from method_fixtures import build_tiny_llama, load_weights, run_cli, write_recipe
 from safetensors.torch import save_file
 
+from mergekit_sae.cli.scf_rkl import scf_rkl as scf_rkl_command
 from mergekit_sae.methods import METHOD_NAMES, register_all
 from mergekit_sae.methods.scf_rkl import (
     row_distribution,
@@ -22,7 +23,6 @@ from mergekit_sae.methods.scf_rkl import (
     top_fraction_mask,
     weight_importance,
 )
-from mergekit_sae.scf_rkl_cli import scf_rkl as scf_rkl_command
 
 MATRIX = "model.layers.0.mlp.up_proj.weight"
 

@@ -17,8 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tiny_models import make_llama
 
-from mergekit_sae.methods import register_all
-from mergekit_sae.methods.scf_rkl_importance import (
+from mergekit_sae.calibration.scf_rkl import (
     NON_LAYER_GROUP,
     SIDECAR,
     compute_importance,
@@ -29,7 +28,8 @@ from mergekit_sae.methods.scf_rkl_importance import (
     target_log_probs,
     tokenize_batches,
 )
-from mergekit_sae.scf_rkl_cli import scf_rkl as scf_rkl_command
+from mergekit_sae.cli.scf_rkl import scf_rkl as scf_rkl_command
+from mergekit_sae.methods import register_all
 from mergekit_sae.testbed.vocab import build_tokenizer, build_vocab
 
 WORDS = ["cat", "dog", "runs", "sits", "fast", "slow", "the", "a", "red", "blue"]

@@ -7,13 +7,18 @@ import math
 import pytest
 import torch
 
+from mergekit_sae import parallel
 from mergekit_sae.sparsity import (
+    CHUNK_ELEMENTS,
     cyclic_rate,
+    magnitude_keys,
     magnitude_prune,
     model_sparsity,
     prune,
+    select,
     sparsity,
     sparsity_schedule,
+    sparsity_stats,
 )
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -61,6 +66,98 @@ def test_magnitude_prune_above_two_to_the_24(dtype):
     smallest_kept = tensor.abs()[kept].min()
     largest_dropped = tensor.abs()[~kept].max()
     assert smallest_kept >= largest_dropped
+
+
+def reference_prune(tensor: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k entries first in (larger |x|, then earlier position) order: a stable sort."""
+    flat = tensor.flatten()
+    order = torch.sort(flat.abs().double(), descending=True, stable=True).indices
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[order[:k]] = True
+    return torch.where(keep, flat, torch.zeros_like(flat)).view(tensor.shape)
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a floating-point tensor (so -0 and +0 differ)."""
+    view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
+    return tensor.contiguous().view(view)
+
+
+def few_values(shape, dtype, seed: int, zero_fraction: float = 0.2) -> torch.Tensor:
+    """Random values on a coarse grid (many exact ties) with a fraction of exact zeros."""
+    generator = torch.Generator().manual_seed(seed)
+    values = (torch.randn(shape, generator=generator) * 8).round() / 8
+    values *= torch.rand(shape, generator=generator) >= zero_fraction
+    return values.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("density", [0.0004, 0.013, 0.5, 0.81, 0.9999])
+def test_selection_matches_a_stable_sort_with_ties_across_blocks(monkeypatch, dtype, density):
+    monkeypatch.setattr(parallel, "TARGET_BLOCKS", 16)
+    tensor = few_values((97, 103), dtype, seed=int(density * 1e4))
+    k = round(density * tensor.numel())
+    expected = reference_prune(tensor, k)
+    for threads in (1, 2, 3):
+        with parallel.kernel_threads(threads):
+            pruned = magnitude_prune(tensor, density, chunk=64)
+        assert torch.equal(bits(pruned), bits(expected)), threads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_every_magnitude_tied_keeps_the_first_k_positions(dtype):
+    tensor = torch.full((5000,), -0.375, dtype=dtype)
+    tensor[::7] = 0.375
+    k = round(0.3 * 5000)
+    pruned = magnitude_prune(tensor, 0.3, chunk=64)
+    assert torch.equal(bits(pruned[:k]), bits(tensor[:k]))
+    assert torch.equal(bits(pruned[k:]), bits(torch.zeros(5000 - k, dtype=dtype)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_select_finds_the_kth_largest_key_and_its_kept_ties(dtype):
+    tensor = few_values((4096,), dtype, seed=11).flatten()
+    keys = magnitude_keys(tensor).long()
+    parts = parallel.blocks(tensor.numel(), parallel.block_size(tensor.numel(), 64))
+    for k in (1, 7, 1000, 4095, 4096):
+        selection = select(
+            k,
+            tensor.element_size() * 8,
+            lambda part: [magnitude_keys(tensor[part])],
+            parts,
+            tensor.device,
+        )
+        key = int(torch.sort(keys, descending=True).values[k - 1])
+        assert selection.threshold.key == key
+        assert selection.threshold.equal == k - int((keys > key).sum())
+        assert selection.ties == [int((keys[part] == key).sum()) for part in parts]
+
+
+def test_tiny_density_keeps_nothing_and_density_one_everything():
+    tensor = torch.randn(300)
+    assert torch.equal(magnitude_prune(tensor, 1e-4), torch.zeros(300))
+    assert magnitude_prune(tensor, 1.0) is tensor
+
+
+def test_pruned_entries_are_positive_zeros():
+    tensor = -torch.arange(1.0, 9.0)
+    pruned = magnitude_prune(tensor, 0.5)
+    assert torch.equal(bits(pruned[:4]), bits(torch.zeros(4)))
+
+
+@pytest.mark.usefixtures("one_thread")  # the reference's sums, like the kernel's, on one thread
+def test_sparsity_stats_sum_each_chunk_in_float64_and_add_in_order():
+    tensor = torch.randn((1 << 22) + 3000, generator=torch.Generator().manual_seed(6))
+    tensor[::5] = 0
+    l1 = l2 = 0.0
+    for start in range(0, tensor.numel(), CHUNK_ELEMENTS):
+        wide = tensor[start : start + CHUNK_ELEMENTS].double()
+        l1 += float(wide.abs().sum())
+        l2 += float(wide.square().sum())
+    for threads in (1, 2):
+        with parallel.kernel_threads(threads):
+            stats = sparsity_stats(tensor)
+        assert (stats.zeros, stats.l1, stats.l2_squared) == (int((tensor == 0).sum()), l1, l2)
 
 
 def test_density_one_returns_the_tensor_and_bad_density_is_rejected():
@@ -160,3 +257,44 @@ def test_magnitude_prune_on_cuda_allocates_one_copy_plus_chunk_scratch(dtype):
     kept = pruned != 0
     assert int(kept.sum()) == round(0.4 * tensor.numel())
     assert tensor.abs()[kept].min() >= tensor.abs()[~kept].max()
+
+
+def test_statistics_summed_on_one_thread_stay_within_float64_rounding_of_any_thread_count():
+    tensor = torch.randn((1 << 22) + 100, generator=torch.Generator().manual_seed(9)) * 0.02
+    stats = sparsity_stats(tensor)
+    bound = CHUNK_ELEMENTS * 2.0**-53  # relative error bound of a float64 sum of a chunk
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)  # how a driver with `threads` summed before
+            l1 = l2 = 0.0
+            for start in range(0, tensor.numel(), CHUNK_ELEMENTS):
+                wide = tensor[start : start + CHUNK_ELEMENTS].double()
+                l1 += float(wide.abs().sum())
+                l2 += float(wide.square().sum())
+            assert abs(stats.l1 - l1) <= bound * l1
+            assert abs(stats.l2_squared - l2) <= bound * l2
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_child_prunes_on_its_own_workers():
+    import multiprocessing
+
+    tensor = torch.randn(1 << 20, generator=torch.Generator().manual_seed(2))
+    with parallel.kernel_threads(2):
+        expected = _pruned_digest(tensor)  # the parent's pool now has threads
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            digest = pool.apply_async(_pruned_digest, (tensor.numpy(),)).get(timeout=120)
+    assert digest == expected
+
+
+def _pruned_digest(tensor) -> str:
+    """SHA-256 of magnitude_prune(tensor, 0.3) on two kernel threads (plain bytes, so a
+    forked child returns no tensor)."""
+    import hashlib
+
+    with parallel.kernel_threads(2):
+        pruned = magnitude_prune(torch.as_tensor(tensor), 0.3)
+    return hashlib.sha256(pruned.numpy().tobytes()).hexdigest()

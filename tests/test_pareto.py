@@ -11,11 +11,11 @@ from evolve_fixtures import FakeEvaluator, load_weights, recipe_data, task_files
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mergekit_sae.evolve import pareto
-from mergekit_sae.evolve.export import export
-from mergekit_sae.evolve.recipe import parse_recipe
-from mergekit_sae.evolve.reproduce import RECIPE_FILE, load_stages
-from mergekit_sae.evolve.runner import run
+from mergekit_sae.merging.recipes import RECIPE_FILE, load_stages
+from mergekit_sae.outputs import pareto
+from mergekit_sae.outputs.export import export
+from mergekit_sae.recipe.loading import parse_recipe
+from mergekit_sae.run import run
 
 # scores on a coarse grid so that ties and duplicates happen often
 values = st.integers(min_value=0, max_value=6).map(lambda v: v / 6)

@@ -18,15 +18,15 @@ from evolve_fixtures import run_fake as evolve
 
 from mergekit_sae.cli import main
 from mergekit_sae.compare.run import Comparison, compare
+from mergekit_sae.driver.checkpoint import load_state
+from mergekit_sae.driver.lock import LOCK_FILE, lock_path, read_holder
 from mergekit_sae.errors import OutputFolderError
-from mergekit_sae.evolve.checkpoint import load_state
-from mergekit_sae.evolve.lock import LOCK_FILE, lock_path, read_holder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # A process that takes a folder's lock, says so, and holds it until its stdin closes.
 HOLDER = (
-    "import sys; from pathlib import Path; from mergekit_sae.evolve.lock import lock_folder\n"
+    "import sys; from pathlib import Path; from mergekit_sae.driver.lock import lock_folder\n"
     "with lock_folder(Path(sys.argv[1])):\n"
     "    print('held', flush=True); sys.stdin.read()\n"
 )

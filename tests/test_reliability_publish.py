@@ -9,9 +9,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from mergekit_sae.evolve import publish as publish_mod
-from mergekit_sae.evolve.card import render_card
-from mergekit_sae.evolve.reproduce import render_recipe
+from mergekit_sae.cli.publish import publish as publish_command
+from mergekit_sae.merging.recipes import render_recipe
+from mergekit_sae.outputs import publish as publish_mod
+from mergekit_sae.outputs.card import render_card
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ def out_dir(tmp_path: Path) -> Path:
 
 def dry_run(out: Path, *options: str):
     args = [str(out), "--repo-id", "me/merged", "--dry-run", *options]
-    return CliRunner().invoke(publish_mod.publish, args)
+    return CliRunner().invoke(publish_command, args)
 
 
 def test_local_paths_are_refused(out_dir: Path) -> None:
@@ -100,7 +101,7 @@ def test_upload_sends_the_rewritten_files(out_dir: Path, monkeypatch) -> None:
     args = [str(out_dir), "--repo-id", "me/merged"]
     for name in ("math", "lang"):
         args += ["--parent-id", f"{out_dir.parent / 'models' / name}=org/{name}"]
-    result = CliRunner().invoke(publish_mod.publish, args)
+    result = CliRunner().invoke(publish_command, args)
     assert result.exit_code == 0, result.output
     assert sorted(sent) == ["README.md", "config.json", "mergekit_config.yml", "model.safetensors"]
     assert b"org/math" in sent["mergekit_config.yml"] and b"/models/" not in sent["README.md"]

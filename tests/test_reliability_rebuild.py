@@ -12,7 +12,7 @@ import yaml
 from evolve_fixtures import assert_identical, deep_lineage_recipe, run_fake, tiny_llama
 from method_fixtures import _ENTRY
 
-from mergekit_sae.evolve.reproduce import RECIPE_FILE, load_stages
+from mergekit_sae.merging.recipes import RECIPE_FILE, load_stages
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,9 +8,9 @@ import pytest
 from evolve_fixtures import assert_identical, tiny_llama
 from evolve_fixtures import run_fake as evolve
 
+from mergekit_sae.driver.checkpoint import load_state, member_checksums, prev_state_path
 from mergekit_sae.errors import MergeInputError
-from mergekit_sae.evolve.checkpoint import load_state, member_checksums, prev_state_path
-from mergekit_sae.evolve.population import member_dir
+from mergekit_sae.records import member_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,14 +11,15 @@ import pytest
 import torch
 from evolve_fixtures import FakeEvaluator, assert_identical, tiny_llama
 
+from mergekit_sae.driver.context import RunContext
+from mergekit_sae.driver.loop import evolve
+from mergekit_sae.driver.ray_executor import import_ray
 from mergekit_sae.errors import RecipeError
 from mergekit_sae.evaluate import device as device_module
-from mergekit_sae.evolve import merging
-from mergekit_sae.evolve.executor import import_ray
-from mergekit_sae.evolve.loop import RunContext, evolve
-from mergekit_sae.evolve.population import MergeInput, MergeRecord
-from mergekit_sae.evolve.recipe import parse_recipe
+from mergekit_sae.merging import stream as merging
 from mergekit_sae.methods.sae_evolve import sae_merge
+from mergekit_sae.recipe.loading import parse_recipe
+from mergekit_sae.records import MergeInput, MergeRecord
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

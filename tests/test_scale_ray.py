@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from evolve_fixtures import assert_identical, recipe_data, task_files, tiny_llama
 
-from mergekit_sae.evolve.recipe import parse_recipe
-from mergekit_sae.evolve.runner import run
+from mergekit_sae.recipe.loading import parse_recipe
+from mergekit_sae.run import run
 
 ray = pytest.importorskip("ray")
 

@@ -17,11 +17,11 @@ from evolve_fixtures import (
     tiny_llama,
 )
 
-from mergekit_sae.evolve.loop import derive_seed
-from mergekit_sae.evolve.population import lineage, member_dir
-from mergekit_sae.evolve.recipe import parse_recipe
-from mergekit_sae.evolve.reproduce import RECIPE_FILE, recipe_documents, render_recipe, run_recipe
-from mergekit_sae.evolve.runner import run
+from mergekit_sae.driver.context import derive_seed
+from mergekit_sae.merging.recipes import RECIPE_FILE, recipe_documents, render_recipe, run_recipe
+from mergekit_sae.recipe.loading import parse_recipe
+from mergekit_sae.records import lineage, member_dir
+from mergekit_sae.run import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -190,8 +190,8 @@ def test_without_generation_metrics_the_cells_are_empty(tmp_path: Path, experts)
 def test_resident_evaluator_measures_the_outputs_it_scores(tmp_path: Path, experts) -> None:
     """score_with_generation: the same scores as score(), and the generation task's metrics."""
     from mergekit_sae.evaluate import load_task
+    from mergekit_sae.evaluate.evaluator import ResidentEvaluator
     from mergekit_sae.evaluate.resident import ResidentModel
-    from mergekit_sae.evolve.scoring import ResidentEvaluator
 
     files = task_files(tmp_path / "data")
     recipe = parse_recipe(recipe_data(experts, files))
@@ -211,11 +211,11 @@ def test_functional_one_shot_counts_its_calibration_passes(tmp_path: Path, exper
     equal to a direct computation on the first task's step-1 items, and an exact rebuild."""
     from safetensors.torch import load_file
 
+    from mergekit_sae.calibration.scf_rkl import compute_importance
     from mergekit_sae.compare.results import read_csv
     from mergekit_sae.compare.run import Comparison, compare
+    from mergekit_sae.driver.checkpoint import load_state
     from mergekit_sae.evaluate import load_task, subsample
-    from mergekit_sae.evolve.checkpoint import load_state
-    from mergekit_sae.methods.scf_rkl_importance import compute_importance
 
     files = task_files(tmp_path / "data")
     data = recipe_data(experts, files)

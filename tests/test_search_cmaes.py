@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from evolve_fixtures import FakeEvaluator, assert_identical, tiny_llama
 
+from mergekit_sae.driver.checkpoint import load_state
 from mergekit_sae.errors import RecipeError
-from mergekit_sae.evolve.checkpoint import load_state
-from mergekit_sae.evolve.per_tensor import layer_groups, resolve
-from mergekit_sae.evolve.recipe import parse_recipe
-from mergekit_sae.evolve.reproduce import RECIPE_FILE, load_stages, run_recipe
-from mergekit_sae.evolve.runner import run
+from mergekit_sae.merging.per_tensor import layer_groups, resolve
+from mergekit_sae.merging.recipes import RECIPE_FILE, load_stages, run_recipe
+from mergekit_sae.recipe.loading import parse_recipe
+from mergekit_sae.run import run
 from mergekit_sae.search.cmaes import (
     CmaesSettings,
     CmaesState,

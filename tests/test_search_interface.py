@@ -8,11 +8,12 @@ import pytest
 import torch
 from evolve_fixtures import FakeEvaluator, assert_identical, load_weights, tiny_llama
 
-from mergekit_sae.evolve.per_tensor import conditional, layer_groups, layer_of, resolve
-from mergekit_sae.evolve.recipe import RecipeError, parse_recipe
-from mergekit_sae.evolve.reproduce import RECIPE_FILE, run_recipe
-from mergekit_sae.evolve.runner import run
-from mergekit_sae.search import SEARCHES, search_class
+from mergekit_sae.merging.per_tensor import conditional, layer_groups, layer_of, resolve
+from mergekit_sae.merging.recipes import RECIPE_FILE, run_recipe
+from mergekit_sae.recipe.loading import parse_recipe
+from mergekit_sae.recipe.schema import RecipeError
+from mergekit_sae.run import run
+from mergekit_sae.search import search_class, search_names
 from mergekit_sae.search.base import Search
 from mergekit_sae.search.niches import flat_items, shared_fitness
 from mergekit_sae.search.sae import SaeSearch
@@ -144,7 +145,7 @@ def test_flat_items_weights_give_the_performance() -> None:
 
 
 def test_every_registered_search_implements_the_interface() -> None:
-    for name in SEARCHES:
+    for name in search_names():
         cls = search_class(name)
         assert issubclass(cls, Search) and cls.name == name
         cls.settings_model()  # every setting has a default
@@ -201,7 +202,7 @@ def test_budget_resume_matches_uninterrupted(tmp_path: Path, models) -> None:
 def test_shared_fitness_replacement_by_hand(models) -> None:
     from types import SimpleNamespace
 
-    from mergekit_sae.evolve.population import Member
+    from mergekit_sae.records import Member
     from mergekit_sae.search.base import Result
 
     shared = {"fitness": "shared", "alpha": 1.0, "sparsity_term": {"weight": 0.0}}

@@ -10,13 +10,14 @@ import pytest
 import torch
 from evolve_fixtures import FakeEvaluator, assert_identical, load_weights, tiny_llama
 
-from mergekit_sae.evolve.loop import RunContext, evolve
-from mergekit_sae.evolve.merging import open_model, stream_merge, tensor_names
-from mergekit_sae.evolve.per_tensor import resolve, resolve_parameters
-from mergekit_sae.evolve.population import lineage, member_dir
-from mergekit_sae.evolve.recipe import parse_recipe
-from mergekit_sae.evolve.reproduce import RECIPE_FILE, run_recipe, write_recipe
-from mergekit_sae.evolve.runner import run
+from mergekit_sae.driver.context import RunContext
+from mergekit_sae.driver.loop import evolve
+from mergekit_sae.merging.per_tensor import resolve, resolve_parameters
+from mergekit_sae.merging.recipes import RECIPE_FILE, run_recipe, write_recipe
+from mergekit_sae.merging.stream import open_model, stream_merge, tensor_names
+from mergekit_sae.recipe.loading import parse_recipe
+from mergekit_sae.records import lineage, member_dir
+from mergekit_sae.run import run
 from mergekit_sae.search.m2n2 import M2n2Settings
 from mergekit_sae.search.niches import (
     archive_slot,

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from evolve_fixtures import PROBE, FakeEvaluator, assert_identical, probe_score, tiny_llama
 
+from mergekit_sae.driver.context import derive_seed
 from mergekit_sae.errors import RecipeError
-from mergekit_sae.evolve.loop import derive_seed
-from mergekit_sae.evolve.population import lineage
-from mergekit_sae.evolve.recipe import parse_recipe
-from mergekit_sae.evolve.reproduce import RECIPE_FILE, load_stages, run_recipe
-from mergekit_sae.evolve.runner import run
+from mergekit_sae.merging.recipes import RECIPE_FILE, load_stages, run_recipe
+from mergekit_sae.recipe.loading import parse_recipe
+from mergekit_sae.records import lineage
+from mergekit_sae.run import run
 from mergekit_sae.search.pso import (
     Best,
     PsoSettings,

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from evolve_fixtures import FakeEvaluator, assert_identical, load_weights, tiny_llama
 
-from mergekit_sae.evolve.population import lineage
-from mergekit_sae.evolve.recipe import parse_recipe
-from mergekit_sae.evolve.reproduce import RECIPE_FILE, recipe_documents, run_recipe
-from mergekit_sae.evolve.runner import run
-from mergekit_sae.search.niches import attraction, item_fitness
+from mergekit_sae.merging.recipes import RECIPE_FILE, recipe_documents, run_recipe
+from mergekit_sae.recipe.loading import parse_recipe
+from mergekit_sae.records import lineage
+from mergekit_sae.run import run
+from mergekit_sae.search.niches import attraction, fate, item_fitness, place_child
 from mergekit_sae.search.sae import (
     EXCLUDED,
     SaeSearch,
@@ -210,7 +210,8 @@ def test_a_budget_stops_mid_step(tmp_path: Path, models) -> None:
 
 
 def test_children_prune_parents_and_child_at_the_schedule_rate(tmp_path: Path, models) -> None:
-    state, _ = counted({**recipe(models), "keep_population": True}, tmp_path / "run")
+    data = {**recipe(models, crossover="sae_evolve"), "keep_population": True}
+    state, _ = counted(data, tmp_path / "run")
     children = [m for m in state.members.values() if m.origin == "offspring"]
     schedule = parse_recipe(recipe(models)).settings_for().schedule
     for tick, child in enumerate(children):
@@ -221,10 +222,42 @@ def test_children_prune_parents_and_child_at_the_schedule_rate(tmp_path: Path, m
         for item in child.merge.inputs:
             assert item.parameters["density"] == pytest.approx(1 - rate)
             assert item.parameters["score"] == state.members[item.member].performance
-    state, _ = counted(recipe(models, prune_parents=False, prune_child=False), tmp_path / "dense")
+    dense = recipe(models, crossover="sae_evolve", prune_parents=False, prune_child=False)
+    state, _ = counted(dense, tmp_path / "dense")
     for child in (m for m in state.members.values() if m.origin == "offspring"):
         assert child.merge.parameters["offspring_density"] == 1.0
         assert all(i.parameters["density"] == 1.0 for i in child.merge.inputs)
+
+
+def test_slerp_children_are_a_chain_of_stages(tmp_path: Path, models) -> None:
+    """Default operator: parents pruned (sae_prune), blended (slerp), the blend pruned."""
+    state, _ = counted(recipe(models), tmp_path / "run")
+    schedule = parse_recipe(recipe(models)).settings_for().schedule
+    children = [m for m in state.members.values() if m.origin == "offspring"]
+    for tick, child in enumerate(children):
+        rate = schedule.rate(tick)
+        assert child.merge.method == "sae_prune"
+        assert child.merge.inputs[0].parameters["density"] == pytest.approx(1 - rate)
+        (blend,) = [state.members[i] for i in child.inputs]
+        assert blend.merge.method == "slerp" and blend.scored_at is None
+        ends = [blend.merge.base_member, blend.merge.inputs[0].member]
+        for end in ends:
+            pruned = state.members[end]
+            assert pruned.merge.method == "sae_prune" and pruned.origin == "pruned"
+            assert pruned.merge.inputs[0].parameters["density"] == pytest.approx(1 - rate)
+
+
+def test_the_ga_takes_slerp_children(tmp_path: Path, models) -> None:
+    data = recipe(models, framework="ga", children_per_step=4)
+    state, evaluator = counted(data, tmp_path / "ga")
+    children = [m for m in state.members.values() if m.origin == "offspring"]
+    assert len(children) == 3 * 2  # floor(4 / 2) pairs per step
+    for child in children:
+        (blend,) = [state.members[i] for i in child.inputs]
+        assert (child.merge.method, blend.merge.method) == ("sae_prune", "slerp")
+        rate = parse_recipe(data).settings_for().schedule.rate(child.born - 1)
+        assert child.merge.inputs[0].parameters["density"] == pytest.approx(1 - rate)
+    assert evaluator.calls == state.evaluations == 3 * (4 + 2)
 
 
 def test_archive_follows_the_eviction_rule(tmp_path: Path, models) -> None:
@@ -275,3 +308,13 @@ def test_the_answer_rebuilds_with_mergekit(tmp_path: Path, models, crossover) ->
     assert_identical(tmp_path / "run", rebuilt)
     zeros = sum(int((t == 0).sum()) for t in load_weights(rebuilt).values())
     assert zeros == 0  # pruning the task vectors leaves the base's (non-zero) values
+
+
+def test_place_child_appends_replaces_or_rejects() -> None:
+    archive, rows = ["a", "b"], {"a": [1.0], "b": [0.0]}
+    assert place_child(archive, rows, "c", [0.5], 2) is None and archive == ["a", "b", "c"]
+    assert fate(2, None) == "joined" and rows["c"] == [0.5]
+    assert place_child(archive, rows, "d", [0.7], 1) == "b" and archive == ["a", "d", "c"]
+    assert "b" not in rows and rows["d"] == [0.7] and fate(1, "b") == "replaced b"
+    assert place_child(archive, rows, "e", [0.0], None) is None and "e" not in rows
+    assert archive == ["a", "d", "c"] and fate(None, None) == "rejected"

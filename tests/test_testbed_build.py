@@ -147,7 +147,7 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
 
 def test_cli_build_then_info(tmp_path):
     from mergekit_sae.cli import main
-    from mergekit_sae.testbed.cli import testbed
+    from mergekit_sae.cli.testbed import testbed
 
     config = tmp_path / "tiny.json"
     config.write_text(TestbedConfig.tiny().model_dump_json())

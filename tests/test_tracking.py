@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 from evolve_fixtures import FakeEvaluator, recipe_data, task_files, tiny_llama
 
+from mergekit_sae.driver.checkpoint import load_state
 from mergekit_sae.errors import RecipeError
-from mergekit_sae.evolve.checkpoint import load_state
-from mergekit_sae.evolve.recipe import TrackingSettings, WandbSettings, parse_recipe
-from mergekit_sae.evolve.runner import run
-from mergekit_sae.evolve.tracking import comparison_tracking, open_tracker, with_tracking
+from mergekit_sae.outputs.tracking import comparison_tracking, open_tracker, with_tracking
+from mergekit_sae.recipe.loading import parse_recipe
+from mergekit_sae.recipe.schema import TrackingSettings, WandbSettings
+from mergekit_sae.run import run
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("wandb")

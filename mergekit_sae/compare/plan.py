@@ -20,9 +20,13 @@ from mergekit_sae.errors import UsageError
 from mergekit_sae.search import search_names
 from mergekit_sae.search.oneshot import SAE_ONESHOT, STATIC_MERGES
 
-SEARCHES = [name for name in search_names() if name != "oneshot"]
 ONE_SHOTS = [*STATIC_MERGES, SAE_ONESHOT]
 DEFAULT_METHODS = "sae,pso,m2n2,cmaes,linear,task_arithmetic,ties,dare_ties,sae_oneshot"
+
+
+def searches() -> list[str]:
+    """The registered searches a comparison can run (every one but the one-shot driver)."""
+    return [name for name in search_names() if name != "oneshot"]
 
 
 @dataclass(frozen=True)
@@ -43,11 +47,10 @@ class RunSpec:
 def parse_methods(text: str) -> list[str]:
     """The comma-separated method list, checked against the known searches and merges."""
     methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in SEARCHES and m not in ONE_SHOTS]
+    known = [*searches(), *ONE_SHOTS]
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        raise UsageError(
-            f"--methods: unknown {', '.join(unknown)}; known: {', '.join(SEARCHES + ONE_SHOTS)}"
-        )
+        raise UsageError(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(known)}")
     if len(set(methods)) != len(methods):
         raise UsageError("--methods: a method is listed twice")
     return methods
@@ -89,7 +92,7 @@ def search_of(spec: RunSpec) -> str:
     """The search a run uses: its method, ``oneshot`` for merges, ``sae`` for sweeps."""
     if spec.method in ONE_SHOTS:
         return "oneshot"
-    return spec.method if spec.method in SEARCHES else "sae"
+    return spec.method if spec.method in searches() else "sae"
 
 
 def run_recipe_data(base: dict[str, Any], spec: RunSpec, budget: int) -> dict[str, Any]:

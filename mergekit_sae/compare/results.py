@@ -18,8 +18,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from mergekit_sae.atomic import write_file, write_text
+from mergekit_sae.driver.checkpoint import RunState
 from mergekit_sae.evaluate.repetition import DEFAULT_N, DEFAULT_THRESHOLD
-from mergekit_sae.evolve.checkpoint import RunState
 
 REFERENCE = "sae"
 

@@ -25,10 +25,12 @@ from tqdm.auto import tqdm
 from mergekit_sae.atomic import write_text
 from mergekit_sae.compare.plan import RunSpec, plan_runs, run_recipe_data
 from mergekit_sae.compare.results import Row, mean_curve, run_row, write_results
+from mergekit_sae.driver.checkpoint import RunState, load_state
+from mergekit_sae.driver.lock import claim_for_fresh_run, lock_folder
 from mergekit_sae.errors import OutputFolderError, RecipeError
-from mergekit_sae.evolve.checkpoint import RunState, load_state
-from mergekit_sae.evolve.lock import claim_for_fresh_run, lock_folder
-from mergekit_sae.evolve.recipe import load_recipe, parse_recipe
+from mergekit_sae.outputs.tracking import comparison_tracking
+from mergekit_sae.recipe.loading import load_recipe, parse_recipe
+from mergekit_sae.run import run
 from mergekit_sae.search.sae import SaeSearch
 
 PLAN_FILE = "compare.json"
@@ -108,9 +110,6 @@ def run_one(
     A tracked run logs as ``<method>/seed<k>`` in W&B group ``group`` (TensorBoard: under
     the recipe's log directory in ``<method>/seed<k>``), so the runs overlay.
     """
-    from mergekit_sae.evolve.runner import run
-    from mergekit_sae.evolve.tracking import comparison_tracking
-
     wall_path = folder / WALL_FILE
     wall = json.loads(wall_path.read_text())["seconds"] if wall_path.is_file() else 0.0
     state = load_state(folder) if folder.is_dir() else None

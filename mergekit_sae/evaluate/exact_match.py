@@ -5,7 +5,9 @@ Extraction follows lm-eval's gsm8k filters (:mod:`.extract`); answers compare as
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
 
 from mergekit_sae.evaluate.extract import (
     answers_match,
@@ -14,16 +16,28 @@ from mergekit_sae.evaluate.extract import (
     reference_answer,
 )
 from mergekit_sae.evaluate.registry import TaskType, register_task_type
-from mergekit_sae.evaluate.tasks import GenerationTask
+from mergekit_sae.evaluate.tasks import GenerationSettings, GenerationTask
+
+
+class ExactMatchSettings(GenerationSettings):
+    """Options of ``generate_exact_match``: generation's, and which extraction is scored."""
+
+    extraction: Literal["strict", "flexible", "strict_or_flexible"] = Field(
+        "strict_or_flexible",
+        description="strict: the number after '#### '; flexible: the last number; "
+        "strict_or_flexible: strict when present, else flexible",
+    )
 
 
 class GenerateExactMatchTask(GenerationTask):
     """Greedy generation; the extracted number must equal the item's answer."""
 
+    settings: ExactMatchSettings
+
     def score_details(self, model, tokenizer, items, *, batch_size=None) -> list[dict[str, Any]]:
         """Records with the generated text, both extractions, the prediction used and the score.
 
-        ``prediction`` follows ``spec.extraction``: ``strict`` takes the ``#### N`` answer,
+        ``prediction`` follows the ``extraction`` option: ``strict`` takes the ``#### N`` answer,
         ``flexible`` the last number, ``strict_or_flexible`` (default) the first when present.
         """
         outputs = self.generate(model, tokenizer, items, batch_size)
@@ -36,7 +50,7 @@ class GenerateExactMatchTask(GenerationTask):
             "strict": strict,
             "flexible": flexible,
             "strict_or_flexible": strict if strict is not None else flexible,
-        }[self.spec.extraction]
+        }[self.settings.extraction]
         target = reference_answer(item["answer"])
         return {
             "output": output,
@@ -54,7 +68,7 @@ TASK_TYPE = register_task_type(
     TaskType(
         name="generate_exact_match",
         task_class=GenerateExactMatchTask,
-        options=("max_new_tokens", "stop", "extraction"),
+        settings_model=ExactMatchSettings,
         item_keys={"prompt": str, "answer": (str, int, float)},
     )
 )

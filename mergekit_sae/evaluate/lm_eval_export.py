@@ -64,9 +64,9 @@ def lm_eval_config(spec: TaskSpec, task_name: str | None = None) -> dict[str, An
             "output_type": "generate_until",
             "doc_to_target": "{{answer}}",
             "generation_kwargs": {
-                "until": list(spec.stop),
+                "until": list(spec.settings.stop),
                 "do_sample": False,
-                "max_gen_toks": spec.max_new_tokens,
+                "max_gen_toks": spec.settings.max_new_tokens,
             },
             "filter_list": GSM8K_FILTERS,
             "metric_list": [GSM8K_EXACT_MATCH],
@@ -76,7 +76,7 @@ def lm_eval_config(spec: TaskSpec, task_name: str | None = None) -> dict[str, An
             "output_type": "multiple_choice",
             "doc_to_choice": "{{choices}}",
             "doc_to_target": "label",
-            "target_delimiter": spec.target_delimiter,
+            "target_delimiter": spec.settings.target_delimiter,
             "metric_list": [
                 {"metric": m, "aggregation": "mean", "higher_is_better": True}
                 for m in ("acc", "acc_norm")

@@ -14,29 +14,63 @@ import os
 import subprocess
 from collections.abc import Iterator, Sequence
 from functools import cache
+from pathlib import Path
 from typing import Any
 
+from pydantic import Field, ValidationInfo, field_validator
+
 from mergekit_sae.evaluate.device import call_with_oom_backoff
-from mergekit_sae.evaluate.registry import TaskType, register_task_type
-from mergekit_sae.evaluate.spec import TaskSpec
+from mergekit_sae.evaluate.registry import TaskSettings, TaskType, register_task_type
+from mergekit_sae.evaluate.spec import TaskSpec, resolve_path
 from mergekit_sae.evaluate.tasks import DEFAULT_BATCH_SIZE, Task
 
 logger = logging.getLogger(__name__)
 
 
+class LmEvalSettings(TaskSettings):
+    """Options of ``lm_eval``: which lm-eval task, where its YAML is, and how it is scored."""
+
+    lm_eval_task: str | None = Field(None, description="lm-eval task or group (default: name)")
+    train_task: str | None = Field(None, description="lm-eval task used for the train split")
+    num_fewshot: int | None = Field(
+        None, ge=0, description="few-shot examples per prompt (None: the task's own)"
+    )
+    limit: int | float | None = Field(
+        None, gt=0, description="documents kept per task: a count, or a fraction below 1"
+    )
+    apply_chat_template: bool | str = Field(
+        False, description="format prompts with the tokenizer's (or the named) chat template"
+    )
+    include_path: list[Path] = Field(default_factory=list, description="extra task YAML dirs")
+    metric: str | None = Field(None, description="per-sample metric (default: task's first)")
+    filter: str | None = Field(None, description="lm-eval filter name (default: the first)")
+
+    @field_validator("include_path", mode="after")
+    @classmethod
+    def _folders(cls, value: list[Path], info: ValidationInfo) -> list[Path]:
+        """Each entry, resolved against the recipe's folder, must be a folder."""
+        paths = [resolve_path(p, info) for p in value]
+        for path in paths:
+            if not path.is_dir():
+                raise ValueError(f"include_path {path} is not a directory")
+        return paths
+
+
 class LmEvalTask(Task):
     """An lm-eval task or group; each leaf task's evaluation documents are its items."""
+
+    settings: LmEvalSettings
 
     def __init__(self, spec: TaskSpec):
         super().__init__(spec)
         _require_lm_eval()
-        self.task_name = spec.lm_eval_task or spec.name
+        self.task_name = self.settings.lm_eval_task or spec.name
         self._leaves: dict[str, dict[str, Any]] = {}
 
     def task_manager(self, names: Sequence[str]):
         """A TaskManager that knows the named tasks: the include_path folders alone when they
         define them all (fast), else with lm-eval's built-in tasks (indexing takes seconds)."""
-        include = tuple(str(p) for p in self.spec.include_path)
+        include = tuple(str(p) for p in self.settings.include_path)
         if include:
             local = _task_manager(include, include_defaults=False)
             if all(name in local.all_tasks for name in names):
@@ -49,7 +83,7 @@ class LmEvalTask(Task):
             raise ValueError(f"task {self.name!r}: unknown split {split!r}; use 'train' or 'test'")
         name = self.task_name
         if split == "train":
-            if self.spec.train_task is None:
+            if self.settings.train_task is None:
                 logger.warning(
                     "task %r: no train_task given; the train split uses the evaluation "
                     "documents of %r",
@@ -57,11 +91,13 @@ class LmEvalTask(Task):
                     name,
                 )
             else:
-                name = self.spec.train_task
+                name = self.settings.train_task
         items = []
         for leaf, task in self._leaf_tasks(name).items():
             n_docs = len(task.eval_docs)
-            items.extend({"task": leaf, "doc_id": i} for i in range(_limited(n_docs, self.spec)))
+            items.extend(
+                {"task": leaf, "doc_id": i} for i in range(_limited(n_docs, self.settings.limit))
+            )
         return items
 
     def score_details(self, model, tokenizer, items, *, batch_size=None) -> list[dict[str, Any]]:
@@ -99,15 +135,15 @@ class LmEvalTask(Task):
         import lm_eval
         from lm_eval.models.huggingface import HFLM
 
-        spec = self.spec
+        settings = self.settings
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         with quiet_git_hash():
             return lm_eval.simple_evaluate(
                 model=lm,
                 tasks=sorted(samples),
-                num_fewshot=spec.num_fewshot,
+                num_fewshot=settings.num_fewshot,
                 samples=samples,
-                apply_chat_template=spec.apply_chat_template,
+                apply_chat_template=settings.apply_chat_template,
                 task_manager=self.task_manager(sorted(samples)),
                 log_samples=True,
                 bootstrap_iters=0,
@@ -130,24 +166,25 @@ class LmEvalTask(Task):
         return self._leaves[name]
 
     def _filter(self, leaf: str) -> str:
-        """The filter whose results are scored: spec.filter, else the task's first one."""
+        """The filter whose results are scored: the filter option, else the task's first one."""
         task = self._task(leaf)
         names = [f.name for f in getattr(task, "_filters", [])] or ["none"]
-        if self.spec.filter is None:
+        wanted = self.settings.filter
+        if wanted is None:
             return names[0]
-        if self.spec.filter not in names:
+        if wanted not in names:
             raise ValueError(
-                f"task {self.name!r}: lm-eval task {leaf!r} has no filter {self.spec.filter!r}; "
+                f"task {self.name!r}: lm-eval task {leaf!r} has no filter {wanted!r}; "
                 f"it has {names}"
             )
-        return self.spec.filter
+        return wanted
 
     def _metric(self, leaf: str) -> str:
-        """The metric used as score: spec.metric, else the task's first listed metric."""
+        """The metric used as score: the metric option, else the task's first listed metric."""
         available = list(getattr(self._task(leaf), "_metric_fn_list", {}))
         if not available:
             raise ValueError(f"task {self.name!r}: lm-eval task {leaf!r} lists no metric")
-        metric = self.spec.metric or available[0]
+        metric = self.settings.metric or available[0]
         if metric not in available:
             raise ValueError(
                 f"task {self.name!r}: lm-eval task {leaf!r} has no metric {metric!r}; "
@@ -191,13 +228,13 @@ def quiet_git_hash() -> Iterator[None]:
         evaluator.get_git_commit_hash = original
 
 
-def _limited(n_docs: int, spec: TaskSpec) -> int:
-    """Number of documents kept by spec.limit (a count, or a fraction when below 1)."""
-    if spec.limit is None:
+def _limited(n_docs: int, limit: int | float | None) -> int:
+    """Number of documents kept by the limit option (a count, or a fraction when below 1)."""
+    if limit is None:
         return n_docs
-    if spec.limit < 1:
-        return int(math.ceil(n_docs * spec.limit))
-    return min(n_docs, int(spec.limit))
+    if limit < 1:
+        return int(math.ceil(n_docs * limit))
+    return min(n_docs, int(limit))
 
 
 @cache
@@ -217,27 +254,10 @@ def _require_lm_eval() -> None:
         ) from e
 
 
-def check_spec(spec: TaskSpec) -> None:
-    """Every include_path entry must be a folder."""
-    for path in spec.include_path:
-        if not path.is_dir():
-            raise ValueError(f"include_path {path} is not a directory")
-
-
 TASK_TYPE = register_task_type(
     TaskType(
         name="lm_eval",
         task_class=LmEvalTask,
-        options=(
-            "lm_eval_task",
-            "train_task",
-            "num_fewshot",
-            "limit",
-            "apply_chat_template",
-            "include_path",
-            "metric",
-            "filter",
-        ),
-        check_spec=check_spec,
+        settings_model=LmEvalSettings,
     )
 )

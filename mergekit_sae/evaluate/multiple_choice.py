@@ -3,24 +3,37 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
 
 from mergekit_sae.evaluate.loglik import continuation_logliks, encode_pair
-from mergekit_sae.evaluate.registry import TaskType, register_task_type
+from mergekit_sae.evaluate.registry import TaskSettings, TaskType, register_task_type
 from mergekit_sae.evaluate.tasks import Task
+
+
+class MultipleChoiceSettings(TaskSettings):
+    """Options of ``multiple_choice``: how choices are joined to the prompt and ranked."""
+
+    normalize: Literal["none", "tokens", "chars"] = Field(
+        "none", description="divide each choice's log-likelihood by its token or char count"
+    )
+    target_delimiter: str = Field(" ", description="text put between the prompt and a choice")
 
 
 class MultipleChoiceTask(Task):
     """Each choice is scored by its log-likelihood after the prompt; the best must be the label."""
 
+    settings: MultipleChoiceSettings
+
     def score_details(self, model, tokenizer, items, *, batch_size=None):
         """Records with each choice's log-likelihood, the chosen index and the score."""
-        spec = self.spec
+        settings = self.settings
         requests, spans = [], []
         for item in items:
             start = len(requests)
             for choice in item["choices"]:
-                request = encode_pair(tokenizer, item["prompt"], spec.target_delimiter + choice)
+                request = encode_pair(tokenizer, item["prompt"], settings.target_delimiter + choice)
                 if not request.continuation:
                     raise ValueError(
                         f"task {self.name!r}: choice {choice!r} of item {len(spans)} "
@@ -34,7 +47,7 @@ class MultipleChoiceTask(Task):
         records = []
         for item, (start, end) in zip(items, spans, strict=True):
             values = [
-                _normalized(logliks[i], requests[i].continuation, choice, spec.normalize)
+                _normalized(logliks[i], requests[i].continuation, choice, settings.normalize)
                 for i, choice in zip(range(start, end), item["choices"], strict=True)
             ]
             chosen = max(range(len(values)), key=values.__getitem__)
@@ -74,7 +87,7 @@ TASK_TYPE = register_task_type(
     TaskType(
         name="multiple_choice",
         task_class=MultipleChoiceTask,
-        options=("normalize", "target_delimiter"),
+        settings_model=MultipleChoiceSettings,
         item_keys={"prompt": str, "choices": list, "label": int},
         check_item=check_item,
     )

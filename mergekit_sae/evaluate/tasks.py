@@ -1,7 +1,9 @@
 """Tasks: items of a split, per-item scores of a model on them, and their aggregate.
 
-:class:`Task` is the base every registered task type's scorer derives from;
-:class:`GenerationTask` adds greedy generation and the generation-stability metrics.
+:class:`Task` is the base every registered task type's scorer derives from; it reads its
+options from ``self.settings``, the spec's validated settings model.
+:class:`GenerationTask` adds greedy generation and the generation-stability metrics, with the
+options every generation type shares (:class:`GenerationSettings`).
 :func:`load_task` builds the scorer of a spec's type from the registry.
 """
 
@@ -12,9 +14,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import Field, field_validator
+
 from mergekit_sae.evaluate.data import load_jsonl
 from mergekit_sae.evaluate.generation import greedy_generate
-from mergekit_sae.evaluate.registry import task_type
+from mergekit_sae.evaluate.registry import TaskSettings, task_type
 from mergekit_sae.evaluate.repetition import distinct_n, repetition_rate
 from mergekit_sae.evaluate.spec import TaskSpec
 
@@ -26,10 +30,12 @@ class Task:
     """A named task: items per split and a scorer giving each item a score in [0, 1]."""
 
     generates = False  # whether its scores come from generated text (with generation_metrics)
+    settings: TaskSettings  # subclasses narrow it to their type's settings model
 
     def __init__(self, spec: TaskSpec):
         self.spec = spec
         self.name = spec.name
+        self.settings = spec.settings
 
     def items(self, split: Split) -> list[dict[str, Any]]:
         """The items of a split (loaded once, returned as a fresh list)."""
@@ -65,10 +71,28 @@ class Task:
         return batch_size or self.spec.batch_size or DEFAULT_BATCH_SIZE
 
 
+class GenerationSettings(TaskSettings):
+    """The options every generation task type shares: the token budget and the stop strings."""
+
+    max_new_tokens: int = Field(32, ge=1, description="generation budget per item")
+    stop: list[str] = Field(
+        default_factory=lambda: ["\n"], description="generation ends before the first of these"
+    )
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: list[str]) -> list[str]:
+        """An empty stop string would end every generation before it starts."""
+        if "" in value:
+            raise ValueError("stop strings must not be empty")
+        return value
+
+
 class GenerationTask(Task):
     """A task scored on greedy continuations of each item's prompt (``output`` in its records)."""
 
     generates = True
+    settings: GenerationSettings
 
     def generate(
         self, model, tokenizer, items: Sequence[dict], batch_size: int | None
@@ -78,8 +102,8 @@ class GenerationTask(Task):
             model,
             tokenizer,
             [item["prompt"] for item in items],
-            max_new_tokens=self.spec.max_new_tokens,
-            stop=self.spec.stop,
+            max_new_tokens=self.settings.max_new_tokens,
+            stop=self.settings.stop,
             batch_size=self._batch_size(batch_size),
         )
 

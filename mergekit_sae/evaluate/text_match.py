@@ -13,12 +13,39 @@ import re
 import unicodedata
 from typing import Any
 
+from pydantic import Field, field_validator
+
 from mergekit_sae.evaluate.registry import TaskType, register_task_type
-from mergekit_sae.evaluate.tasks import GenerationTask
+from mergekit_sae.evaluate.tasks import GenerationSettings, GenerationTask
+
+
+class TextMatchSettings(GenerationSettings):
+    """Options of ``generate_text_match``: generation's, what is extracted and how it compares."""
+
+    answer_regex: str | None = Field(
+        None, description="regex applied to the output; its first group (else the match) is scored"
+    )
+    ignore_case: bool = Field(False, description="compare answers case-folded")
+    ignore_punctuation: bool = Field(False, description="drop punctuation before comparing")
+
+    @field_validator("answer_regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        """An answer_regex must compile (checked when the spec is validated, not when scoring)."""
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise ValueError(
+                    f"answer_regex {value!r} is not a valid regular expression ({e})"
+                ) from e
+        return value
 
 
 class GenerateTextMatchTask(GenerationTask):
     """Greedy generation; the (extracted, normalised) text must equal the item's answer."""
+
+    settings: TextMatchSettings
 
     def score_details(self, model, tokenizer, items, *, batch_size=None) -> list[dict[str, Any]]:
         """Records with the generated text, the extracted text, both normalised sides, the score.
@@ -29,13 +56,15 @@ class GenerateTextMatchTask(GenerationTask):
         return [self._record(item, output) for item, output in zip(items, outputs, strict=True)]
 
     def _record(self, item: dict[str, Any], output: str) -> dict[str, Any]:
-        spec = self.spec
-        extracted = extract_text(output, spec.answer_regex)
-        target = normalize_text(str(item["answer"]), spec.ignore_case, spec.ignore_punctuation)
+        settings = self.settings
+        extracted = extract_text(output, settings.answer_regex)
+        target = normalize_text(
+            str(item["answer"]), settings.ignore_case, settings.ignore_punctuation
+        )
         prediction = (
             None
             if extracted is None
-            else normalize_text(extracted, spec.ignore_case, spec.ignore_punctuation)
+            else normalize_text(extracted, settings.ignore_case, settings.ignore_punctuation)
         )
         return {
             "output": output,
@@ -66,24 +95,11 @@ def normalize_text(text: str, ignore_case: bool = False, ignore_punctuation: boo
     return text.strip()
 
 
-def check_spec(spec) -> None:
-    """An answer_regex must compile (checked when the spec is validated, not when scoring)."""
-    if spec.answer_regex is None:
-        return
-    try:
-        re.compile(spec.answer_regex)
-    except re.error as e:
-        raise ValueError(
-            f"answer_regex {spec.answer_regex!r} is not a valid regular expression ({e})"
-        ) from e
-
-
 TASK_TYPE = register_task_type(
     TaskType(
         name="generate_text_match",
         task_class=GenerateTextMatchTask,
-        options=("max_new_tokens", "stop", "answer_regex", "ignore_case", "ignore_punctuation"),
+        settings_model=TextMatchSettings,
         item_keys={"prompt": str, "answer": (str, int, float)},
-        check_spec=check_spec,
     )
 )

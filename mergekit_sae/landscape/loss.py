@@ -48,7 +48,7 @@ def reference_text(spec, item: Mapping, answer_key: str) -> tuple[str, str]:
     """The (prompt, continuation) pair whose likelihood is the item's answer loss."""
     keys = task_type(spec.type).item_keys
     if "choices" in keys and "label" in keys:
-        return item["prompt"], spec.target_delimiter + item["choices"][item["label"]]
+        return item["prompt"], spec.settings.target_delimiter + item["choices"][item["label"]]
     if "answer" in keys:
         if answer_key not in item:
             raise UsageError(f"task {spec.name!r}: an item has no {answer_key!r} field")

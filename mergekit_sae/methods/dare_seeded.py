@@ -25,7 +25,7 @@ from pydantic import Field
 from torch import Tensor
 
 from mergekit_sae.domains import Rate, check_domain
-from mergekit_sae.methods.sae_evolve import _check_tensors, _compute_dtype
+from mergekit_sae.methods.kernel import check_tensors, compute_dtype
 
 Seed = Annotated[int, Field(ge=0)]
 
@@ -69,10 +69,10 @@ def dare_seeded_tensor(
     """
     check_domain(Rate, drop_rate, "drop_rate", name)
     check_domain(Seed, seed, "seed", name)
-    _check_tensors([tensor, base], ["model", "base_model"], name)
+    check_tensors([tensor, base], ["model", "base_model"], name)
     if drop_rate == 0.0:
         return tensor
-    dtype = _compute_dtype([tensor, base])
+    dtype = compute_dtype([tensor, base])
     origin = base.to(dtype)
     delta = tensor.to(dtype) - origin
     mask = keep_mask(tensor.shape, drop_rate, seed, name).to(tensor.device)

@@ -12,15 +12,16 @@ task vectors theta_k - base and the base is added back at the end.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 from mergekit.merge_methods import PerNonBase, TensorGroup, merge_method
 from mergekit.merge_methods.base import BasePolicy, InputContract
 from torch import Tensor
 
+from mergekit_sae import parallel
 from mergekit_sae.domains import (
     Density,
     Fraction,
@@ -33,16 +34,30 @@ from mergekit_sae.domains import (
     check_domain,
     choices,
 )
-from mergekit_sae.errors import MergeInputError
+from mergekit_sae.methods.kernel import (
+    check_layout,
+    compute_dtype,
+    input_label,
+    non_finite_error,
+    promoted_dtype,
+)
+from mergekit_sae.parallel import block_size, blocks, kernel_scope, run_pass, spans
 from mergekit_sae.sparsity import (
     CHUNK_ELEMENTS,
+    DIGIT_BITS,
     EMPTY_STATS,
-    KeepMask,
+    BlockCut,
+    Radix,
+    Selection,
     SparsityStats,
-    Threshold,
-    count_nonzero,
+    block_cuts,
+    finish_selections,
+    finite_keys,
+    inf_key,
+    key_bits,
     magnitude_keys,
-    select_threshold,
+    radix_histogram,
+    radix_start,
     sparsity_from_stats,
     sparsity_stats,
 )
@@ -50,11 +65,6 @@ from mergekit_sae.sparsity import (
 SPARSITY_SCOPES = choices(SparsityScope)
 PRUNE_TARGETS = choices(PruneTarget)
 REDENSE_MODES = choices(Redense)
-
-
-def _label(input_id: object) -> str:
-    """How an input is named in error messages: its model path, or its position."""
-    return f"input {input_id}" if isinstance(input_id, int) else f"model {input_id}"
 
 
 def sae_mixing_weights(
@@ -82,38 +92,6 @@ def sae_mixing_weights(
     raw = [score + sparsity_weight * rho for score, rho in zip(scores, rhos, strict=True)]
     total = sum(raw)
     return [value / total for value in raw]
-
-
-def _compute_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
-    """float64 when any input is float64, float32 otherwise (like MergeKit's linear merge)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _check_tensors(tensors: Sequence[Tensor], labels: Sequence[str], name: str) -> None:
-    """Require equal shapes, floating point and finite values, naming the offending input."""
-    shapes = [tuple(t.shape) for t in tensors]
-    if len(set(shapes)) > 1:
-        described = ", ".join(
-            f"{label}: {shape}" for label, shape in zip(labels, shapes, strict=True)
-        )
-        raise MergeInputError(f"{name}: shape mismatch between models ({described})", tensor=name)
-    for label, tensor in zip(labels, tensors, strict=True):
-        if not tensor.is_floating_point():
-            raise TypeError(f"{name}: {label} is {tensor.dtype}, not a floating-point tensor")
-        if not _all_finite(tensor):
-            n_nan = int(torch.isnan(tensor).sum())
-            n_inf = int(torch.isinf(tensor).sum())
-            raise MergeInputError(
-                f"{name}: {label} contains {n_nan} NaN and {n_inf} Inf values", tensor=name
-            )
-
-
-def _all_finite(tensor: Tensor) -> bool:
-    """Whether every element is finite: a finite sum proves it (one fast reduction), and only
-    a non-finite sum (a NaN/Inf, or an overflowing sum) needs the elementwise check."""
-    if bool(torch.isfinite(tensor.sum())):
-        return True
-    return bool(torch.isfinite(tensor).all())
 
 
 def _per_model(values: Sequence | None, count: int, field: str, name: str) -> list | None:
@@ -196,37 +174,7 @@ def _mixing_weights(
         raise ValueError(f"{name}: {error}") from error
 
 
-def _task_part(tensor: Tensor, dtype: torch.dtype, origin: Tensor | None) -> Tensor:
-    """A parent in the compute dtype, as a task vector (minus ``origin``) when one is given."""
-    part = tensor.to(dtype)
-    return part - origin if origin is not None else part
-
-
-def _promoted_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
-    """The dtype all inputs promote to (the dtype of the result)."""
-    dtype = tensors[0].dtype
-    for tensor in tensors[1:]:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
-
-
-def _attraction_mix(parts: Sequence[Tensor], weights: Sequence[float], renormalize: bool) -> Tensor:
-    """Weighted sum; with renormalize, divide each position by the weight of its non-zeros.
-
-    Where no weighted non-zero contributes, the sum is +0 and so is +0 / tiny: no select is
-    needed. ``|x|.sign()`` is the non-zero indicator (inputs are finite), without bool masks.
-    """
-    total = torch.zeros_like(parts[0])
-    present = torch.zeros_like(parts[0]) if renormalize else None
-    for part, weight in zip(parts, weights, strict=True):
-        total.add_(part, alpha=weight)
-        if present is not None:
-            present.add_(part.abs().sign_(), alpha=weight)
-    if present is None:
-        return total
-    return total.div_(present.clamp_min_(torch.finfo(present.dtype).tiny))
-
-
+@kernel_scope()
 def sae_merge(
     tensors: Sequence[Tensor],
     scores: Sequence[float],
@@ -273,43 +221,30 @@ def sae_merge(
     rhos = _global_rhos(sparsity_scope, global_sparsity, labels, name)
     extras = {"base_model": base, "dense reference": dense_reference}
     extras = {label: tensor for label, tensor in extras.items() if tensor is not None}
-    _check_tensors([*tensors, *extras.values()], [*labels, *extras], name)
+    inputs = [*tensors, *extras.values()]
+    check_layout(inputs, [*labels, *extras], name)
 
-    dtype = _compute_dtype([*tensors, *extras.values()])
-    plan = _MixPlan(tensors, dtype, base if prune_target == "delta" else None, dense_reference)
-    with _kernel_threads(tensors[0].device):
-        masks = [plan.parent_mask(i, d) for i, d in enumerate(densities)]
-        if rhos is None:
+    plan = _MixPlan(tensors, compute_dtype(inputs), base, dense_reference, prune_target == "delta")
+    counts = [round(density * plan.numel) for density in densities]
+    local_rhos = rhos is None and sparsity_weight > 0
+    scan = plan.scan(counts, count_nonzero=local_rhos and sparsity_measure == "zero_count")
+    for index, finite in enumerate(scan.finite):
+        if not finite:
+            raise non_finite_error(inputs[index], [*labels, *extras][index], name)
+    cuts = plan.parent_selections(counts, scan)
+    if rhos is None:
+        rhos = [0.0] * count
+        if local_rhos:
             rhos = [
-                plan.parent_sparsity(i, mask, sparsity_measure, density)
-                for i, (mask, density) in enumerate(zip(masks, densities, strict=True))
+                plan.parent_sparsity(i, cuts[i], counts[i], sparsity_measure, scan)
+                for i in range(count)
             ]
-        weights = _mixing_weights(scores, rhos, sparsity_weight, labels, name)
-        return plan.mix(masks, weights, renormalize, offspring_density, _promoted_dtype(tensors))
+    weights = _mixing_weights(scores, rhos, sparsity_weight, labels, name)
+    return plan.mix(cuts, weights, renormalize, offspring_density, promoted_dtype(tensors), scan)
 
 
-# CPU threads for the chunked passes. Each chunk is small and memory-bound, so a parallel
-# region per operation gains little and stalls whenever another process holds a core
-# (measured: 5-20x slower on a busy 2-core machine); None keeps torch's setting.
-KERNEL_THREADS: int | None = 1
-
-
-@contextlib.contextmanager
-def _kernel_threads(device: torch.device) -> Iterator[None]:
-    """Run the kernel's CPU passes on KERNEL_THREADS threads, restoring torch's count after."""
-    previous = torch.get_num_threads()
-    if device.type != "cpu" or KERNEL_THREADS is None or previous == KERNEL_THREADS:
-        yield
-        return
-    torch.set_num_threads(KERNEL_THREADS)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-# Elements per chunk of the fused passes: a few float32 buffers of this size stay in cache.
-MIX_CHUNK = 1 << 18
+# How a parent enters the mix: every entry (a density-1 parent), no entry (density rounds to
+# k = 0), or the entries a selection keeps.
 _KEEP_ALL = None
 
 
@@ -318,163 +253,389 @@ class _ZeroMask:
 
 
 _KEEP_NONE = _ZeroMask()
+Mask = Selection | _ZeroMask | None
+
+
+class _Scan(NamedTuple):
+    """What the first pass learned: finiteness of every input, non-zeros of each parent, the
+    blocks' first-digit histograms of the parents being pruned, and the chunks where no
+    parent holds a zero."""
+
+    finite: list[bool]
+    nonzero: list[int]
+    hists: list[list[Tensor] | None]
+    zero_free: list[list[bool]]
+
+
+class _BlockScan(NamedTuple):
+    """One block's share of a _Scan."""
+
+    finite: list[bool]
+    nonzero: list[int]
+    hists: list[Tensor | None]
+    zero_free: list[bool]
 
 
 class _MixPlan:
-    """The fused, chunked passes of sae_merge over flat views of the inputs.
+    """The passes of sae_merge over flat views of the inputs, block by block on the kernel's
+    workers (``mergekit_sae.parallel``).
 
-    Every step (task vector, pruning mask, re-densing, attraction mix, offspring pruning,
-    base added back, cast) is elementwise, so computing it chunk by chunk in cache-sized
-    pieces gives the same bits as whole-tensor passes; only the selections (k-th largest
-    magnitude) and the sparsity counts see the whole tensor, through extra chunked passes.
+    1. scan: finiteness of every input, non-zeros of each parent, the first digit of each
+       pruned parent's magnitude selection, and which chunks hold no zero in any parent;
+    2. one more pass per remaining digit of a selection (task vectors and float32 keys);
+    3. mix: the pruned parts, re-densing, the attraction mix, the base added back and the
+       cast, chunk by chunk (with offspring pruning: the merged task vector kept in float32
+       and the first digit of its selection, then one pass per remaining digit and a last
+       pass that prunes, adds the base and casts).
+    Every step is elementwise or an integer count, so the results are the same bits as
+    whole-tensor passes, whatever the chunk size or thread count.
     """
 
     def __init__(
         self,
         tensors: Sequence[Tensor],
         dtype: torch.dtype,
-        origin: Tensor | None,
+        base: Tensor | None,
         reference: Tensor | None,
+        delta: bool,
     ):
         self.flats = [t.reshape(-1) for t in tensors]
-        self.dtype = dtype
-        self.origin = origin.reshape(-1) if origin is not None else None
+        self.base = base.reshape(-1) if base is not None else None
         self.reference = reference.reshape(-1) if reference is not None else None
+        self.dtype = dtype
+        self.origin = self.base if delta else None
         self.shape = tensors[0].shape
         self.numel = tensors[0].numel()
+        self.device = tensors[0].device
+        self.chunk = parallel.CHUNK
+        self.blocks = blocks(self.numel, block_size(self.numel, self.chunk))
 
-    def _spans(self, size: int = MIX_CHUNK) -> Iterator[slice]:
-        for start in range(0, self.numel, size):
-            yield slice(start, min(start + size, self.numel))
+    def _chunks(self, block: slice) -> Iterator[slice]:
+        return spans(block.start, block.stop, self.chunk)
 
     def _origin(self, span: slice) -> Tensor | None:
         return self.origin[span].to(self.dtype) if self.origin is not None else None
 
     def _part(self, index: int, span: slice, origin: Tensor | None) -> Tensor:
-        """Parent ``index`` on a span in the compute dtype, as a task vector under delta."""
-        return _task_part(self.flats[index][span], self.dtype, origin)
+        """Parent ``index`` on a span in the compute dtype, as a task vector under delta (in
+        place on the converted copy; an input already in the compute dtype is not written)."""
+        stored = self.flats[index][span]
+        if origin is None:
+            return stored.to(self.dtype)
+        if stored.dtype == self.dtype:
+            return stored - origin
+        return stored.to(self.dtype).sub_(origin)
+
+    def _key_dtype(self, index: int) -> torch.dtype:
+        """The dtype a parent's magnitudes are keyed in: stored weights (widening to the
+        compute dtype is exact and keeps the order of |x|), or computed task vectors."""
+        return self.flats[index].dtype if self.origin is None else self.dtype
 
     def _keys(self, index: int, span: slice, part: Tensor) -> Tensor:
-        """Magnitude keys of a parent's part: of the stored tensor itself when it is the
-        weights (widening to the compute dtype is exact and keeps the order of |x|)."""
+        """Magnitude keys of a parent's part on a span (of the stored values for weights)."""
         return magnitude_keys(self.flats[index][span] if self.origin is None else part)
 
-    def parent_mask(self, index: int, density: float) -> Threshold | _ZeroMask | None:
-        """The threshold that prunes parent ``index`` to ``density`` (None: keep everything)."""
-        n = self.numel
-        k = round(density * n)
-        if density == 1.0 or k >= n:
-            return _KEEP_ALL
-        if k == 0:
-            return _KEEP_NONE
+    def scan(self, counts: Sequence[int], *, count_nonzero: bool) -> _Scan:
+        """Pass 1 over every block (see the class docstring). Non-zeros are counted for the
+        parents kept whole (pruned ones get theirs from the first digit's histogram)."""
+        radixes = [
+            radix_start(k, key_bits(self._key_dtype(i))) if 0 < k < self.numel else None
+            for i, k in enumerate(counts)
+        ]
+        whole = [k >= self.numel for k in counts]
 
-        def key_chunks() -> Iterator[Tensor]:
-            for span in self._spans():
-                origin = self._origin(span) if self.origin is not None else None
-                part = self._part(index, span, origin) if origin is not None else None
-                yield self._keys(index, span, part)
+        extras = [t for t in (self.base, self.reference) if t is not None]
+        inputs = [*self.flats, *extras]
 
-        bits = self.flats[index].element_size() if self.origin is None else _width(self.dtype)
-        return select_threshold(key_chunks, k, key_bits=bits * 8, device=self.flats[0].device)
+        def finite(index: int, span: slice) -> bool:
+            return finite_keys(magnitude_keys(inputs[index][span]), inputs[index].dtype)
 
-    def _pruned(self, index: int, span: slice, mask: object, keep: KeepMask | None, origin):
-        """Parent ``index`` on a span, pruned (``keep`` is the running mask of the pass)."""
-        part = self._part(index, span, origin)
+        def block(part: slice) -> _BlockScan:
+            checked = [True] * len(inputs)
+            nonzero = [0] * len(self.flats)
+            hists: list[Tensor | None] = [None] * len(self.flats)
+            zero_free = []
+            for span in self._chunks(part):
+                origin = self._origin(span)
+                free = True
+                for index in range(len(self.flats)):
+                    part_ = self._part(index, span, origin) if origin is not None else None
+                    keys = self._keys(index, span, part_)
+                    low, high = torch.aminmax(keys) if whole[index] else (None, keys.max())
+                    if int(high) >= inf_key(self._key_dtype(index)):
+                        # an Inf or NaN in this parent (or, under delta, in the base), or
+                        # a difference that overflowed: check the stored values themselves
+                        checked[index] &= finite(index, span)
+                        if self.origin is not None:
+                            checked[len(self.flats)] &= finite(len(self.flats), span)
+                    if whole[index]:
+                        free &= int(low) > 0
+                        nonzero[index] += _chunk_nonzero(keys, int(low)) if count_nonzero else 0
+                    else:
+                        free = False
+                    if radixes[index] is not None:
+                        hist = radix_histogram(keys, radixes[index])
+                        hists[index] = hist if hists[index] is None else hists[index].add_(hist)
+                for index in range(len(self.flats), len(inputs)):
+                    if self.origin is None or inputs[index] is not self.base:
+                        checked[index] &= finite(index, span)
+                zero_free.append(free)
+            hists = [h.to(torch.int32) if h is not None else None for h in hists]
+            return _BlockScan(checked, nonzero, hists, zero_free)
+
+        results = run_pass(block, self.blocks, self.device)
+        return _Scan(
+            finite=[all(r.finite[i] for r in results) for i in range(len(results[0].finite))],
+            nonzero=[sum(r.nonzero[i] for r in results) for i in range(len(self.flats))],
+            hists=[
+                [r.hists[i] for r in results] if radix is not None else None
+                for i, radix in enumerate(radixes)
+            ],
+            zero_free=[r.zero_free for r in results],
+        )
+
+    def _nonzero(self, index: int) -> int:
+        """Non-zeros of parent ``index``'s part (stored values, or the task vector), exactly."""
+
+        def block(part: slice) -> int:
+            total = 0
+            for span in self._chunks(part):
+                origin = self._origin(span)
+                keys = self._keys(index, span, self._part(index, span, origin))
+                total += int(torch.count_nonzero(keys))
+            return total
+
+        return sum(run_pass(block, self.blocks, self.device))
+
+    def _pruned_nonzero(self, index: int, k: int, scan: _Scan) -> int:
+        """Non-zeros of a parent pruned to its k largest magnitudes: min(k, non-zeros). The
+        first digit's bin 0 holds the zeros (and, for 32-bit keys, magnitudes below 2**-133),
+        so its complement bounds the non-zeros from below; an exact count only when needed."""
+        small = sum(int(hist[0]) for hist in scan.hists[index])
+        if self.numel - small >= k:
+            return k
+        if key_bits(self._key_dtype(index)) == DIGIT_BITS:
+            return self.numel - small
+        return min(k, self._nonzero(index))
+
+    def parent_selections(self, counts: Sequence[int], scan: _Scan) -> list[Mask]:
+        """Each parent's mask: all entries, none, or the selection of its k largest
+        magnitudes (finished together: one pass per remaining digit for all parents)."""
+        pruned = [i for i, k in enumerate(counts) if 0 < k < self.numel]
+
+        def chunk_keys(part: slice, wanted: Sequence[int]) -> Iterator[list[Tensor]]:
+            for span in self._chunks(part):
+                origin = self._origin(span)
+                keys = []
+                for index in (pruned[position] for position in wanted):
+                    values = self._part(index, span, origin) if origin is not None else None
+                    keys.append(self._keys(index, span, values))
+                yield keys
+
+        selections = finish_selections(
+            [radix_start(counts[i], key_bits(self._key_dtype(i))) for i in pruned],
+            [scan.hists[i] for i in pruned],
+            chunk_keys,
+            self.blocks,
+            self.device,
+        )
+        masks: list[Mask] = [_KEEP_ALL if k >= self.numel else _KEEP_NONE for k in counts]
+        for index, selection in zip(pruned, selections, strict=True):
+            masks[index] = selection
+        return masks
+
+    def _cuts(self, index: int, mask: Mask) -> list[BlockCut | None]:
+        """Fresh per-block cuts of a parent's selection (None per block for the other masks)."""
+        if not isinstance(mask, Selection):
+            return [None] * len(self.blocks)
+        return block_cuts(mask, self._key_dtype(index), self.dtype)
+
+    def _pruned(
+        self, index: int, part: Tensor, span: slice, mask: Mask, cut: BlockCut | None
+    ) -> Tensor:
+        """Parent ``index``'s part on a span, pruned by its block's cut (dropped entries +0)."""
         if mask is _KEEP_ALL:
             return part
         if mask is _KEEP_NONE:
             return torch.zeros_like(part)
-        return part * keep(self._keys(index, span, part))  # a pruned -0 mixes like +0
+        return cut(part, lambda: self._keys(index, span, part))
 
-    def _nonzero(self, index: int, span: slice) -> int:
-        """Non-zeros of parent ``index``'s part on a span (of the stored values: weights)."""
-        if self.origin is None:
-            return count_nonzero(self.flats[index][span])
-        return count_nonzero(self._part(index, span, self._origin(span)))
-
-    def _pruned_chunks(self, index: int, mask: object, size: int) -> Iterator[Tensor]:
-        keep = KeepMask(mask) if isinstance(mask, Threshold) else None
-        for span in self._spans(size):
-            yield self._pruned(index, span, mask, keep, self._origin(span))
-
-    def parent_sparsity(self, index: int, mask: object, measure: str, density: float) -> float:
-        """rho of the pruned parent, summed over CHUNK_ELEMENTS chunks as sparsity() does.
+    def parent_sparsity(self, index: int, mask: Mask, k: int, measure: str, scan: _Scan) -> float:
+        """rho of the pruned parent, its norms summed over CHUNK_ELEMENTS blocks as sparsity()
+        sums them.
 
         zero_count needs no pruned copy: pruning to k entries keeps the k largest magnitudes,
         so it leaves min(k, non-zeros) non-zeros (zeros have the smallest key)."""
         if measure == "zero_count" and mask is not _KEEP_NONE:
-            nonzero = sum(self._nonzero(index, span) for span in self._spans())
-            if isinstance(mask, Threshold):
-                nonzero = min(nonzero, round(density * self.numel))
+            nonzero = scan.nonzero[index]
+            if isinstance(mask, Selection):
+                nonzero = self._pruned_nonzero(index, k, scan)
             return sparsity_from_stats(
                 SparsityStats(self.numel, self.numel - nonzero, 0, 0), measure
             )
         norms = measure == "magnitude"
-        size = CHUNK_ELEMENTS if norms else MIX_CHUNK
+        cuts = self._cuts(index, mask)
+        per_block = blocks(self.numel, CHUNK_ELEMENTS)
+        within = max(1, CHUNK_ELEMENTS // (self.blocks[0].stop - self.blocks[0].start))
+
+        def block(number: int) -> SparsityStats:
+            part = per_block[number]
+            buffer = torch.empty(part.stop - part.start, dtype=self.dtype, device=self.device)
+            first = number * within
+            for cut, inner in zip(cuts[first:], self.blocks[first : first + within], strict=False):
+                for span in self._chunks(inner):
+                    part_ = self._part(index, span, self._origin(span))
+                    chunk = self._pruned(index, part_, span, mask, cut)
+                    buffer[span.start - part.start : span.stop - part.start] = chunk
+            return sparsity_stats(buffer, norms=norms)
+
         stats = EMPTY_STATS
-        for part in self._pruned_chunks(index, mask, size):
-            stats = stats.merged(sparsity_stats(part, norms=norms))
+        for part in run_pass(block, range(len(per_block)), self.device):
+            stats = stats.merged(part)
         return sparsity_from_stats(stats, measure)
 
     def mix(
         self,
-        masks: Sequence[object],
+        masks: Sequence[Mask],
         weights: Sequence[float],
         renormalize: bool,
         offspring_density: float,
         out_dtype: torch.dtype,
+        scan: _Scan,
     ) -> Tensor:
         """Attraction mix of the pruned parents, pruned to offspring_density, base added back."""
-        device = self.flats[0].device
-        out = torch.empty(self.numel, dtype=out_dtype, device=device)
+        out = torch.empty(self.numel, dtype=out_dtype, device=self.device)
         k = round(offspring_density * self.numel)
         prune_offspring = not (offspring_density == 1.0 or k >= self.numel)
         merged = None
         if prune_offspring:
-            merged = torch.empty(self.numel, dtype=self.dtype, device=device)
-        keeps = [KeepMask(m) if isinstance(m, Threshold) else None for m in masks]
-        for span in self._spans():
-            origin = self._origin(span)
-            parts = [
-                self._pruned(i, span, mask, keep, origin)
-                for i, (mask, keep) in enumerate(zip(masks, keeps, strict=True))
+            merged = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+        radix = radix_start(k, key_bits(self.dtype))
+        cuts = [self._cuts(i, mask) for i, mask in enumerate(masks)]
+        present = _present(weights, self.dtype, self.device) if renormalize else None
+        checks = None
+        if self.reference is None:  # re-densing replaces the pruned zeros, signs and all
+            checks = [
+                any(isinstance(m, Selection) for m in masks[i + 1 :]) for i in range(len(masks))
             ]
-            if self.reference is not None:
-                reference = _task_part(self.reference[span], self.dtype, origin)
-                parts = [torch.where(part == 0, reference, part) for part in parts]
-            mixed = _attraction_mix(parts, weights, renormalize)
-            if merged is not None:
+
+        def block(number: int) -> Tensor | None:
+            hist = None
+            for position, span in enumerate(self._chunks(self.blocks[number])):
+                origin = self._origin(span)
+                raw = [self._part(i, span, origin) for i in range(len(masks))]
+                parts = [
+                    self._pruned(i, part, span, mask, cuts[i][number])
+                    for i, (part, mask) in enumerate(zip(raw, masks, strict=True))
+                ]
+                if self.reference is not None:
+                    reference = self.reference[span].to(self.dtype)
+                    reference = reference - origin if origin is not None else reference
+                    parts = [torch.where(part == 0, reference, part) for part in parts]
+                dense = present if scan.zero_free[number][position] else None
+                mixed = _attraction_mix(parts, weights, renormalize, dense, checks)
+                if mixed is None:  # a -0 sum met pruned entries: give them x * 0's sign
+                    parts = [
+                        p.copysign_(r) if isinstance(m, Selection) and p is not r else p
+                        for p, r, m in zip(parts, raw, masks, strict=True)
+                    ]
+                    mixed = _attraction_mix(parts, weights, renormalize, dense, None)
+                if merged is None:
+                    out[span] = mixed.add_(origin) if origin is not None else mixed
+                    continue
                 merged[span] = mixed
-            else:
-                out[span] = mixed.add_(origin) if origin is not None else mixed
+                if k > 0:
+                    counts = radix_histogram(magnitude_keys(mixed), radix)
+                    hist = counts if hist is None else hist.add_(counts)
+            return hist.to(torch.int32) if hist is not None else None
+
+        hists = run_pass(block, range(len(self.blocks)), self.device)
         if merged is not None:
-            self._prune_offspring(merged, k, out)
+            self._prune_offspring(merged, k, radix, hists, out)
         return out.view(self.shape)
 
-    def _prune_offspring(self, merged: Tensor, k: int, out: Tensor) -> None:
+    def _prune_offspring(
+        self, merged: Tensor, k: int, radix: Radix, hists: list, out: Tensor
+    ) -> None:
         """Write merged pruned to its k largest magnitudes (plus the base) into ``out``."""
-        keep = None
+        cuts: list[BlockCut | None] = [None] * len(self.blocks)
         if k > 0:
-            threshold = select_threshold(
-                lambda: (magnitude_keys(merged[span]) for span in self._spans()),
-                k,
-                key_bits=_width(self.dtype) * 8,
-                device=merged.device,
+            (selection,) = finish_selections(
+                [radix],
+                [hists],
+                lambda part, _: ([magnitude_keys(merged[span])] for span in self._chunks(part)),
+                self.blocks,
+                self.device,
             )
-            keep = KeepMask(threshold)
-        for span in self._spans():
-            chunk = merged[span]
-            if keep is None:
-                pruned = torch.zeros_like(chunk)
-            else:
-                pruned = chunk.mul_(keep(magnitude_keys(chunk))).add_(0.0)  # -0 -> +0
-            origin = self._origin(span)
-            out[span] = pruned.add_(origin) if origin is not None else pruned
+            cuts = block_cuts(selection, self.dtype, self.dtype)
+
+        def block(number: int) -> None:
+            cut = cuts[number]
+            for span in self._chunks(self.blocks[number]):
+                chunk = merged[span]
+                if cut is None:
+                    pruned = torch.zeros_like(chunk)
+                else:  # kept entries are its values; +0.0 makes a kept -0 +0
+                    pruned = cut(chunk, lambda c=chunk: magnitude_keys(c))
+                    pruned = pruned.add_(0.0) if cut.magnitude == 0.0 else pruned
+                origin = self._origin(span)
+                out[span] = pruned.add_(origin) if origin is not None else pruned
+
+        run_pass(block, range(len(self.blocks)), self.device)
 
 
-def _width(dtype: torch.dtype) -> int:
-    """Bytes per element of a dtype."""
-    return torch.empty((), dtype=dtype).element_size()
+def _chunk_nonzero(keys: Tensor, low: int) -> int:
+    """Non-zero keys of a chunk whose smallest key is ``low`` (all of them when it is not 0)."""
+    return keys.numel() if low > 0 else int(torch.count_nonzero(keys))
+
+
+def _present(weights: Sequence[float], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The renormalizing divisor where every parent is non-zero: the weights summed from +0
+    in order, in the compute dtype, as _attraction_mix sums them per position."""
+    total = torch.zeros((), dtype=dtype, device=device)
+    one = torch.ones((), dtype=dtype, device=device)
+    for weight in weights:
+        total.add_(one, alpha=weight)
+    return total.clamp_min_(torch.finfo(dtype).tiny)
+
+
+def _attraction_mix(
+    parts: Sequence[Tensor],
+    weights: Sequence[float],
+    renormalize: bool,
+    present: Tensor | None,
+    checks: Sequence[bool] | None,
+) -> Tensor | None:
+    """Weighted sum; with renormalize, divide each position by the weight of its non-zeros.
+
+    ``present`` is that divisor when no part holds a zero on this chunk (it is then the same
+    at every position). Where no weighted non-zero contributes, the sum is +0 and so is
+    +0 / tiny: no select is needed. ``|sign(x)|`` is the non-zero indicator (inputs are
+    finite), without bool masks.
+
+    Pruned entries here are +0, where pruning as ``x * 0`` gives a zero of x's sign. The two
+    sum alike unless the running sum is -0 (a weighted entry that underflowed) when one is
+    added: after each part flagged in ``checks`` a -0 in the sum returns None instead.
+    """
+    total = torch.zeros_like(parts[0])
+    for index, (part, weight) in enumerate(zip(parts, weights, strict=True)):
+        total.add_(part, alpha=weight)
+        if checks is not None and checks[index] and _has_negative_zero(total):
+            return None
+    if not renormalize:
+        return total
+    if present is not None:
+        return total.div_(present)
+    divisor = torch.zeros_like(parts[0])
+    for part, weight in zip(parts, weights, strict=True):
+        divisor.add_(torch.sign(part).abs_(), alpha=weight)
+    return total.div_(divisor.clamp_min_(torch.finfo(divisor.dtype).tiny))
+
+
+def _has_negative_zero(values: Tensor) -> bool:
+    """Whether a float32/float64 tensor holds a -0: as signed integers, -0 is the minimum."""
+    view = torch.int32 if values.dtype == torch.float32 else torch.int64
+    return int(values.view(view).min()) == torch.iinfo(view).min
 
 
 @merge_method(
@@ -508,7 +669,7 @@ def sae_evolve_merge(
             f"`redense: original` (redense is {redense!r})"
         )
     if references:
-        dtype = _compute_dtype([e.tensor for e in references])
+        dtype = compute_dtype([e.tensor for e in references])
         reference = torch.stack([e.tensor.to(dtype) for e in references]).mean(dim=0)
     result = sae_merge(
         [e.tensor for e in parents],
@@ -525,6 +686,6 @@ def sae_evolve_merge(
         redense=redense,
         dense_reference=reference,
         name=name,
-        labels=[_label(e.id) for e in parents],
+        labels=[input_label(e.id) for e in parents],
     )
     return result.to(group.entries[0].tensor.dtype)

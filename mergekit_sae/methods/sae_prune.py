@@ -7,7 +7,7 @@ from mergekit.merge_methods.base import BasePolicy, InputContract
 from torch import Tensor
 
 from mergekit_sae.domains import Density, PruneTarget, check_domain
-from mergekit_sae.methods.sae_evolve import _check_tensors, _compute_dtype
+from mergekit_sae.methods.kernel import check_tensors, compute_dtype
 from mergekit_sae.sparsity import prune
 
 
@@ -25,8 +25,8 @@ def sae_prune_tensor(
     if prune_target == "delta" and base is None:
         raise ValueError(f"{name}: prune_target 'delta' needs a base_model")
     inputs = [tensor] if prune_target == "weights" else [tensor, base]
-    _check_tensors(inputs, ["model", "base_model"][: len(inputs)], name)
-    dtype = _compute_dtype(inputs)
+    check_tensors(inputs, ["model", "base_model"][: len(inputs)], name)
+    dtype = compute_dtype(inputs)
     origin = base.to(dtype) if prune_target == "delta" else None
     return prune(tensor.to(dtype), density, base=origin).to(tensor.dtype)
 

@@ -30,7 +30,8 @@ from mergekit.merge_methods.base import BasePolicy, InputContract
 from pydantic import Field, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
 from torch import Tensor
 
-from mergekit_sae.methods.sae_evolve import _check_tensors, _compute_dtype, _label
+from mergekit_sae.errors import MergeInputError
+from mergekit_sae.methods.kernel import check_tensors, compute_dtype, input_label, promoted_dtype
 from mergekit_sae.sparsity import magnitude_prune
 
 METHOD_NAME = "scf_rkl"
@@ -226,15 +227,13 @@ def scf_rkl_tensor(
     if not donors:
         raise ValueError(f"{name}: {METHOD_NAME} needs at least one donor besides the anchor")
     _check_options(density, threshold, scale, name)
-    _check_tensors([anchor, *donors], ["base_model (anchor)", *labels], name)
+    check_tensors([anchor, *donors], ["base_model (anchor)", *labels], name)
     if importances is not None:
         _check_importances(importances, anchor.shape, labels, name)
     if threshold is None and round(density * anchor.numel()) == 0:
         return anchor
-    out_dtype = anchor.dtype
-    for donor in donors:
-        out_dtype = torch.promote_types(out_dtype, donor.dtype)
-    dtype = _compute_dtype([anchor, *donors])
+    out_dtype = promoted_dtype([anchor, *donors])
+    dtype = compute_dtype([anchor, *donors])
     base = anchor.to(dtype)
     parts = [donor.to(dtype) for donor in donors]
     if importances is None:
@@ -258,16 +257,16 @@ def read_importance(path: str | Path, name: str, shape: torch.Size, label: str) 
     path = Path(path)
     where = f"{name}: importance of {label}"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MergeInputError(
             f"{where}: importance file {path} does not exist (parameter `importance` is "
             f"'{WEIGHTS}' or a safetensors file written by `mergekit-sae scf-rkl importance`)"
         )
     with safe_open(str(path), framework="pt") as handle:
         if name not in handle.keys():  # noqa: SIM118 - safe_open handles have no __contains__
-            raise KeyError(f"{where}: importance file {path} has no tensor {name!r}")
+            raise MergeInputError(f"{where}: importance file {path} has no tensor {name!r}")
         tensor = handle.get_tensor(name)
     if tuple(tensor.shape) != tuple(shape):
-        raise ValueError(
+        raise MergeInputError(
             f"{where}: tensor {name!r} in {path} has shape {tuple(tensor.shape)}, "
             f"the model's has {tuple(shape)}"
         )
@@ -325,7 +324,7 @@ def scf_rkl_merge(
         role, merge_embeddings=merge_embeddings, merge_norms=merge_norms
     ):
         return anchor
-    labels = [_label(entry.id) for entry in donors]
+    labels = [input_label(entry.id) for entry in donors]
     sources = [importance[entry.id] for entry in donors]
     importances = None
     if _importance_mode(sources, name) == "file":

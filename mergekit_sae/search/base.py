@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
-from mergekit_sae.evolve.population import Member, MergeRecord, Origin
+from mergekit_sae.records import Member, MergeRecord, Origin
 
 
 class SearchSettings(BaseModel):

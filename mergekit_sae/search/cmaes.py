@@ -10,13 +10,13 @@ density = clamp(abs(x), 0, 1); no CMA bounds. ``normalize`` defaults to MergeKit
 ``linear`` and ``ties``, false for ``task_arithmetic``) and ``int8_mask`` is set as MergeKit's
 evolve sets it (a memory saving only: the mask holds 0/1 either way).
 
-Layer groups are :func:`~mergekit_sae.evolve.per_tensor.layer_groups`: ``layer_granularity``
+Layer groups are :func:`~mergekit_sae.merging.per_tensor.layer_groups`: ``layer_granularity``
 consecutive decoder layers per group, then one group of the tensors outside the layers
 (embeddings, final norm, head); granularity 0 gives one group for the whole model.
 
 Each candidate is one MergeKit stage over the experts with the recipe's base model as
 ``base_model``; the per-model values are MergeKit ``filter:`` lists
-(:func:`~mergekit_sae.evolve.per_tensor.conditional`), so ``mergekit-yaml`` rebuilds the stage
+(:func:`~mergekit_sae.merging.per_tensor.conditional`), so ``mergekit-yaml`` rebuilds the stage
 bit for bit.
 
 Invariants:
@@ -45,8 +45,9 @@ from typing import Any, Literal, get_args
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
-from mergekit_sae.evolve.per_tensor import conditional, layer_groups
-from mergekit_sae.evolve.population import Member, MergeInput, MergeRecord
+from mergekit_sae.merging.per_tensor import conditional, layer_groups
+from mergekit_sae.merging.stream import open_model, tensor_names
+from mergekit_sae.records import Member, MergeInput, MergeRecord
 from mergekit_sae.search.base import Driver, Proposal, Search, SearchSettings
 
 CmaesMethod = Literal["ties", "task_arithmetic", "linear"]
@@ -292,8 +293,6 @@ class CmaesSearch(Search):
     def groups(self, driver: Driver) -> list[list[str]]:
         """The layer groups of the experts' tensors (read from the weight index, cached)."""
         if self._groups is None:
-            from mergekit_sae.evolve.merging import open_model, tensor_names
-
             ids = [*driver.parents, *([driver.base] if driver.base is not None else [])]
             paths = [Path(driver.members[i].path) for i in ids]
             names = tensor_names([open_model(p) for p in paths], paths)

@@ -41,8 +41,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from mergekit_sae.evolve.merging import open_model, tensor_names
-from mergekit_sae.evolve.population import Member
+from mergekit_sae.merging.stream import open_model, tensor_names
+from mergekit_sae.records import Member
 from mergekit_sae.search.base import Driver, Proposal, Search, SearchSettings
 from mergekit_sae.search.niches import (
     archive_slot,
@@ -50,7 +50,9 @@ from mergekit_sae.search.niches import (
     crossover_record,
     crossover_units,
     draw_crossover,
+    fate,
     flat_items,
+    place_child,
     select_parents,
     shared_fitness,
 )
@@ -181,25 +183,16 @@ class M2n2Search(Search):
         child = made[0]
         row, weights = flat_items(child.item_scores, driver.task_weights)
         slot = archive_slot(matrix, row, settings.archive_size, settings.alpha, weights)
-        outcome: dict[str, Any] = {
+        dropped = place_child(state.archive, state.rows, child.member.id, row, slot)
+        if dropped is not None:
+            driver.note(replacements={child.member.id: dropped})
+        return {
             "id": child.member.id,
             "parents": [p1, p2],
             "split_unit": split,
             "w": w,
-            "fate": "rejected",
+            "fate": fate(slot, dropped),
         }
-        if slot is not None:
-            if slot == len(state.archive):
-                state.archive.append(child.member.id)
-                outcome["fate"] = "joined"
-            else:
-                dropped = state.archive[slot]
-                state.archive[slot] = child.member.id
-                del state.rows[dropped]
-                driver.note(replacements={child.member.id: dropped})
-                outcome["fate"] = f"replaced {dropped}"
-            state.rows[child.member.id] = row
-        return outcome
 
     def fitness_by_member(self) -> dict[str, float]:
         """Shared fitness of every archive member against the current archive."""

@@ -8,7 +8,8 @@ Pure functions of per-item score rows (one row per archive member, all tasks in 
 - mate selection: :func:`first_parent_probabilities`, :func:`attraction` and
   :func:`second_parent_probabilities`, drawn with :func:`draw`; :func:`select_parents` wires
   M2N2's rule (first by shared fitness, second by attraction);
-- archive update: :func:`archive_slot` (the child joins; the lowest shared fitness leaves);
+- archive update: :func:`archive_slot` (the child joins; the lowest shared fitness leaves),
+  :func:`place_child` (the archive and its rows updated in place);
 - split-point crossover units and SLERP's per-tensor ``t``: :func:`crossover_units`,
   :func:`draw_crossover`, :func:`crossover_t`, :func:`crossover_record`.
 """
@@ -18,8 +19,8 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping, Sequence
 
-from mergekit_sae.evolve.per_tensor import conditional, layer_of
-from mergekit_sae.evolve.population import MergeInput, MergeRecord
+from mergekit_sae.merging.per_tensor import conditional, layer_of
+from mergekit_sae.records import MergeInput, MergeRecord
 
 # Substrings of non-layer tensor names that sit on the input side of the decoder stack.
 INPUT_SIDE = ("embed", "wte", "wpe")
@@ -184,6 +185,31 @@ def archive_slot(
         return len(scores)
     worst = worst_index(shared_fitness([*scores, child], alpha, item_weights))
     return None if worst == len(scores) else worst
+
+
+def place_child(
+    archive: list[str], rows: dict[str, list[float]], child: str, row: list[float], slot: int | None
+) -> str | None:
+    """Put a child in the archive (in place) at the slot an archive rule chose: appended, in a
+    dropped member's place (its row goes), or nowhere (None); returns the dropped member's id."""
+    if slot is None:
+        return None
+    dropped = None
+    if slot == len(archive):
+        archive.append(child)
+    else:
+        dropped = archive[slot]
+        archive[slot] = child
+        del rows[dropped]
+    rows[child] = row
+    return dropped
+
+
+def fate(slot: int | None, dropped: str | None) -> str:
+    """A child's fate in words, for the history: rejected, joined or replaced <id>."""
+    if slot is None:
+        return "rejected"
+    return f"replaced {dropped}" if dropped is not None else "joined"
 
 
 def crossover_units(names: Sequence[str]) -> list[list[str]]:

@@ -8,7 +8,7 @@ training scores, pruned at the middle of the sparsity schedule. A one-shot merge
 evaluations it needs: none, or one per expert score for ``sae_oneshot``.
 
 ``scf_rkl_functional`` is ``scf_rkl`` with functional importance: before the merge it runs the
-calibration pass of :func:`~mergekit_sae.methods.scf_rkl_importance.compute_importance` on the
+calibration pass of :func:`~mergekit_sae.calibration.scf_rkl.compute_importance` on the
 first task's training items of step 1 (their ``prompt``), writes the scores to
 OUT/scf_rkl_importance/ (the written recipe points at them) and notes the pass in the step's
 ``info["calibration"]``. Its forward and backward passes are calibration, not fitness
@@ -24,7 +24,10 @@ from typing import Any
 import torch
 from pydantic import BaseModel, Field, field_validator
 
-from mergekit_sae.evolve.population import Member, MergeInput, MergeRecord
+from mergekit_sae.calibration.scf_rkl import compute_importance
+from mergekit_sae.errors import RecipeError
+from mergekit_sae.evaluate.device import resolve_device, resolve_dtype
+from mergekit_sae.records import Member, MergeInput, MergeRecord
 from mergekit_sae.search.base import Driver, Proposal, Search, SearchSettings
 from mergekit_sae.search.sae_operators import merge_parameters, parent_inputs
 from mergekit_sae.search.sae_settings import SaeSettings
@@ -78,8 +81,6 @@ def static_record(
 
 def calibration_prompts(recipe: Any, driver: Driver) -> list[str]:
     """The ``prompt`` of each of the first task's training items of this step."""
-    from mergekit_sae.errors import RecipeError
-
     task = recipe.tasks[0].name
     items = driver.items.get(task, [])
     prompts = [item.get("prompt") if isinstance(item, dict) else None for item in items]
@@ -97,9 +98,6 @@ def functional_importance(recipe: Any, driver: Driver, parents: list[str]) -> di
     Returns the pass's report (files per donor, tokens, forward/backward passes, seconds,
     peak memory).
     """
-    from mergekit_sae.evaluate.device import resolve_device, resolve_dtype
-    from mergekit_sae.methods.scf_rkl_importance import compute_importance
-
     out = driver.run_dir
     paths = [str(driver.model_dir(i).absolute()) for i in parents]
     device, default_dtype = resolve_device(recipe.device)

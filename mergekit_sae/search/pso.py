@@ -35,7 +35,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from mergekit_sae.domains import NonNegative, Rate
-from mergekit_sae.evolve.population import Member, MergeInput, MergeRecord
+from mergekit_sae.records import Member, MergeInput, MergeRecord
 from mergekit_sae.search.base import Driver, Proposal, Result, Search, SearchSettings
 
 # DARE seeds are drawn below this bound (readable in the written recipe; any int >= 0 works).

@@ -18,9 +18,10 @@ module takes the framework from the code and the offspring operator from the pap
   uniform draw, never from normalising negative scores.
 - **Parents** (:func:`choose_parents`): the first with probability proportional to the total
   score; the second by attraction to the first (M2N2's matchmaker), or by total score.
-- **Offspring**: ``crossover: sae_evolve`` is the paper's eq. 5 per-tensor merge of the pair
-  (parent scores plus sparsity signals, attraction, ``renormalize``, ``redense``), one MergeKit
-  stage; ``slerp`` is M2N2's split-point SLERP; ``scf_rkl`` fuses into the pair's fitter member.
+- **Offspring**: ``crossover: slerp`` (the default, chosen on held-out training items:
+  ``benchmarks/results/sae_defaults.md``) is M2N2's split-point SLERP; ``sae_evolve`` is the
+  paper's eq. 5 per-tensor merge of the pair (parent scores plus sparsity signals, attraction,
+  ``renormalize``, ``redense``), one MergeKit stage; ``scf_rkl`` fuses into the fitter member.
 - **Mutation**: magnitude pruning at the cyclic schedule's rate (its clock: the children made so
   far), applied to both parents before the merge and to the child (section 2.4). With
   ``sae_evolve`` both are densities of the one stage; with ``slerp`` they are ``sae_prune``
@@ -39,21 +40,18 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-from mergekit_sae.evolve.merging import open_model, tensor_names
-from mergekit_sae.evolve.population import Member
+from mergekit_sae.records import Member
 from mergekit_sae.search.base import Driver, Proposal, Result, Search, SearchSettings
 from mergekit_sae.search.niches import (
     attraction,
     best_index,
-    crossover_record,
-    crossover_units,
     draw,
-    draw_crossover,
+    fate,
     flat_items,
     item_fitness,
+    place_child,
     shared_fitness,
     worst_index,
 )
@@ -62,10 +60,11 @@ from mergekit_sae.search.sae_operators import (
     make_initial_archive,
     offspring_record,
     original_parents,
-    prune_record,
+    read_units,
     scf_rkl_offspring_record,
+    slerp_offspring,
 )
-from mergekit_sae.search.sae_settings import SaeSettings, SaeState, SparsityTerm
+from mergekit_sae.search.sae_settings import SaeBase, SaeSettings, SparsityTerm
 
 EXCLUDED = float("-inf")  # the total score of a member over the max_zeros cap
 
@@ -174,15 +173,8 @@ def result_index(
 # --- the search -------------------------------------------------------------------------------
 
 
-class SaeSearch(Search):
-    """SAE on natural niches: competition, attraction, pruning as mutation, eq. 5 offspring."""
-
-    name = "sae"
-    title = "Sparsity-Aware Evolution ([SAE](https://arxiv.org/abs/2602.08218))"
-    settings_model = SaeSettings
-    state_model = SaeState
-    settings: SaeSettings
-    state: SaeState
+class SaeSearch(SaeBase):
+    """SAE on natural niches: competition, attraction, pruning as mutation, SLERP or eq. 5."""
 
     @classmethod
     def create(cls, recipe: Any, settings: SearchSettings, state: Any = None) -> Search:
@@ -219,8 +211,7 @@ class SaeSearch(Search):
         """The initial archive (scored in step 1) and, for SLERP, the crossover units."""
         self.state.archive = make_initial_archive(self.recipe, self.settings, driver)
         if self.settings.crossover == "slerp":
-            path = Path(driver.members[driver.parents[0]].path)
-            self.state.units = crossover_units(tensor_names([open_model(path)], [path]))
+            self.state.units = read_units(driver)
 
     def step(self, driver: Driver, step: int) -> None:
         """Score the archive on a new draw of items, then make the step's children in turn."""
@@ -305,7 +296,18 @@ class SaeSearch(Search):
         child_density = 1.0 - rate if settings.prune_child else 1.0
         label = f"rate {rate:.4f}"
         if settings.crossover == "slerp":
-            return self.slerp_child(driver, step, index, pair, parent_density, child_density)
+            rng = driver.rng(step, "sae", index, "crossover")
+            proposal = slerp_offspring(
+                driver,
+                self.recipe,
+                pair,
+                self.state.units,
+                rng,
+                parent_density=parent_density,
+                child_density=child_density,
+            )
+            made = driver.make([proposal])
+            return made[0] if made else None
         if settings.crossover == "scf_rkl":
             record = scf_rkl_offspring_record(parents, list(totals), rate, driver.dtype)
         else:
@@ -321,61 +323,22 @@ class SaeSearch(Search):
         made = driver.make([Proposal(record, "offspring", pair, label)])
         return made[0] if made else None
 
-    def slerp_child(
-        self,
-        driver: Driver,
-        step: int,
-        index: int,
-        pair: tuple[str, str],
-        parent_density: float,
-        child_density: float,
-    ) -> Result | None:
-        """M2N2's split-point SLERP of the (pruned) pair, then the child's pruning."""
-        recipe, dtype = self.recipe, driver.dtype
-        ends = list(pair)
-        if parent_density < 1.0:
-            stages = [
-                Proposal(prune_record(i, 1.0 - parent_density, recipe, dtype), "pruned", (i,))
-                for i in pair
-            ]
-            ends = [made.member.id for made in driver.make(stages, score=False)]
-        split, w = draw_crossover(self.state.units, driver.rng(step, "sae", index, "crossover"))
-        record = crossover_record(ends[0], ends[1], self.state.units, split, w, dtype)
-        label = f"slerp w={w:.4f}"
-        crossed = Proposal(record, "offspring", tuple(ends), label)
-        if child_density >= 1.0:
-            made = driver.make([crossed])
-            return made[0] if made else None
-        blend_stage = Proposal(record, "crossover", tuple(ends), label)
-        (blend,) = driver.make([blend_stage], score=False)
-        pruned = prune_record(blend.member.id, 1.0 - child_density, recipe, dtype)
-        made = driver.make([Proposal(pruned, "offspring", (blend.member.id,), label)])
-        return made[0] if made else None
-
     def admit(
         self, driver: Driver, child: Result, pair: tuple[str, str], rate: float
     ) -> dict[str, Any]:
         """Let the child join the archive (evicting the lowest total) or be rejected."""
         state = self.state
-        self.store_row(driver, child)
+        row = self.store_row(driver, child)  # the totals below read it
         ids = [*state.archive, child.member.id]
         child.member.fitness = self.answer_scores(driver, ids)[-1]
         slot = eviction_slot(self.totals(driver, ids), self.settings.archive_size)
-        outcome: dict[str, Any] = {"id": child.member.id, "parents": list(pair), "rate": rate}
-        if slot is None:
-            del state.rows[child.member.id]
-            outcome["fate"] = "rejected"
-        elif slot == len(state.archive):
-            state.archive.append(child.member.id)
-            outcome["fate"] = "joined"
-        else:
-            dropped = state.archive[slot]
-            state.archive[slot] = child.member.id
-            del state.rows[dropped]
+        del state.rows[child.member.id]
+        dropped = place_child(state.archive, state.rows, child.member.id, row, slot)
+        if dropped is not None:
             driver.note(replacements={child.member.id: dropped})
-            outcome["fate"] = f"replaced {dropped}"
         self.set_fitness(driver)
-        return outcome
+        return {"id": child.member.id, "parents": list(pair), "rate": rate,
+                "fate": fate(slot, dropped)}  # fmt: skip
 
     def answer_scores(self, driver: Driver, ids: Sequence[str]) -> list[float]:
         """Performance + weight * sparsity term of scored members (no competition)."""
@@ -394,19 +357,6 @@ class SaeSearch(Search):
             member = driver.members[identifier]
             if member.performance is not None:
                 member.fitness = value
-
-    @property
-    def result_label(self) -> str:
-        """The evolved model's row label."""
-        return "SAE (evolved)"
-
-    def card_settings(self) -> dict[str, Any]:
-        """SAE's block and the run's steps."""
-        return {"search": self.name, "steps": self.recipe.steps, **self.settings.model_dump()}
-
-    def keep(self) -> list[str]:
-        """The archive."""
-        return list(self.state.archive)
 
     def best(self, members: Mapping[str, Member]) -> str:
         """The archive member of highest answer score (:func:`result_index`)."""

@@ -11,8 +11,10 @@ Step t (1-based), with pruning rate r_t = the schedule at t - 1:
    score it, and let it replace the worst member when its fitness (performance + weight *
    global sparsity, :func:`plain_fitness`) is strictly higher (:func:`replacement_slot`).
 
-Items are drawn afresh every step. With ``crossover: scf_rkl`` step 3's offspring is instead the
-``scf_rkl`` merge of the pair (the fitter member anchors, fused density r_t, not pruned). With
+Items are drawn afresh every step. With ``crossover: slerp`` the offspring is M2N2's split-point
+SLERP of the pair, pruned at r_t (a ``sae_prune`` stage of the blend); with ``crossover:
+scf_rkl`` it is the ``scf_rkl`` merge of the pair (the fitter member anchors, fused density r_t,
+not pruned). With
 ``fitness: shared`` the replacement compares M2N2's shared fitness (exponent ``alpha``) over
 the step's per-item scores of the population and the child. The answer is the living member of
 highest plain fitness.
@@ -24,16 +26,18 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mergekit_sae.evolve.population import Member
-from mergekit_sae.search.base import Driver, Proposal, Result, Search, SearchSettings
+from mergekit_sae.records import Member
+from mergekit_sae.search.base import Driver, Proposal, Result, SearchSettings
 from mergekit_sae.search.niches import best_index, flat_items, shared_fitness, worst_index
 from mergekit_sae.search.sae_operators import (
     make_initial_archive,
     offspring_record,
     original_parents,
+    read_units,
     scf_rkl_offspring_record,
+    slerp_offspring,
 )
-from mergekit_sae.search.sae_settings import SaeSettings, SaeState
+from mergekit_sae.search.sae_settings import SaeBase, SaeSettings
 
 
 def plain_fitness(performance: float, sparsity: float, weight: float) -> float:
@@ -54,15 +58,10 @@ def replacement_slot(fitnesses: Sequence[float], candidate: float) -> int | None
     return slot if candidate > fitnesses[slot] else None
 
 
-class SaeGaSearch(Search):
+class SaeGaSearch(SaeBase):
     """The paper's section 2.1 loop: pair at random, merge, prune, replace the worst."""
 
-    name = "sae"
     title = "Sparsity-Aware Evolution ([SAE](https://arxiv.org/abs/2602.08218)), generational GA"
-    settings_model = SaeSettings
-    state_model = SaeState
-    settings: SaeSettings
-    state: SaeState
 
     @classmethod
     def natural_budget(cls, recipe: Any, settings: SearchSettings) -> int | None:
@@ -78,8 +77,10 @@ class SaeGaSearch(Search):
         return step
 
     def start(self, driver: Driver) -> None:
-        """The initial population."""
+        """The initial population (and, for SLERP, the crossover units)."""
         self.state.archive = make_initial_archive(self.recipe, self.settings, driver)
+        if self.settings.crossover == "slerp":
+            self.state.units = read_units(driver)
 
     def fitness_of(self, member: Member) -> float:
         """Plain fitness: performance + weight * global sparsity."""
@@ -104,9 +105,12 @@ class SaeGaSearch(Search):
             return  # the budget ran out while scoring the population
         rows = {r.member.id: r.item_scores for r in scored}
         driver.note(fitness_before={i: float(driver.members[i].fitness) for i in population})
+        pairs = random_pairs(population, driver.rng(step, "pairs"))
+        left = driver.budget_left
+        affordable = pairs if left is None else pairs[:left]
         proposals = [
-            self.offspring(driver, (first, second), rate)
-            for first, second in random_pairs(population, driver.rng(step, "pairs"))
+            self.offspring(driver, pair, rate, driver.rng(step, "pairs", index, "crossover"))
+            for index, pair in enumerate(affordable)
         ]
         for child in driver.make(proposals):
             child.member.fitness = self.fitness_of(child.member)
@@ -116,9 +120,16 @@ class SaeGaSearch(Search):
                 population[slot] = child.member.id
                 rows[child.member.id] = child.item_scores
 
-    def offspring(self, driver: Driver, ids: tuple[str, str], rate: float) -> Proposal:
-        """The proposal of one pair's offspring at the step's rate."""
+    def offspring(
+        self, driver: Driver, ids: tuple[str, str], rate: float, rng: random.Random
+    ) -> Proposal:
+        """The proposal of one pair's offspring at the step's rate (a SLERP blend is made now)."""
         pair = [driver.members[i] for i in ids]
+        if self.settings.crossover == "slerp":
+            units = self.state.units
+            return slerp_offspring(
+                driver, self.recipe, ids, units, rng, parent_density=1.0, child_density=1.0 - rate
+            )
         if self.settings.crossover == "scf_rkl":
             fitness = [float(m.fitness or 0.0) for m in pair]
             record = scf_rkl_offspring_record(pair, fitness, rate, driver.dtype)
@@ -156,19 +167,6 @@ class SaeGaSearch(Search):
         values = [f + beta * m.sparsity for f, m in zip(shared, candidates, strict=True)]
         slot = worst_index(values[:-1])
         return slot if values[-1] > values[slot] else None
-
-    @property
-    def result_label(self) -> str:
-        """The evolved model's row label."""
-        return "SAE (evolved)"
-
-    def card_settings(self) -> dict[str, Any]:
-        """SAE's block and the run's steps."""
-        return {"search": self.name, "steps": self.recipe.steps, **self.settings.model_dump()}
-
-    def keep(self) -> list[str]:
-        """The living population."""
-        return list(self.state.archive)
 
     def best(self, members: Mapping[str, Member]) -> str:
         """The living member of highest plain fitness (earliest in archive order on ties)."""

@@ -10,16 +10,21 @@ with ``mergekit-yaml`` (a chain of stages with ``mergekit-multi``):
   parents pruned at ``parent_density`` inside the merge and the child at ``child_density``;
 - :func:`scf_rkl_offspring_record`: the ``scf_rkl`` merge, the fitter parent as anchor.
 
-The split-point SLERP operator is M2N2's (:func:`~mergekit_sae.search.niches.crossover_record`).
+- :func:`slerp_offspring`: M2N2's split-point SLERP (:func:`~.niches.crossover_record`) of the
+  pair, pruned before (``sae_prune`` stages of the parents) and after (one of the blend).
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from mergekit_sae.evolve.population import Member, MergeInput, MergeRecord, lineage
+from mergekit_sae.merging.stream import open_model, tensor_names
+from mergekit_sae.records import Member, MergeInput, MergeRecord, lineage
 from mergekit_sae.search.base import Driver, Proposal
+from mergekit_sae.search.niches import crossover_record, crossover_units, draw_crossover
 from mergekit_sae.search.sae_settings import SaeMergeSettings, SaeSettings
 
 # Smallest score handed to the merge: eq. 5 is undefined when every parent scores zero.
@@ -184,3 +189,43 @@ def original_parents(members: Mapping[str, Member], pair: Sequence[Member]) -> l
         if ancestor.origin == "parent"
     }
     return [found[identifier] for identifier in sorted(found)]
+
+
+def slerp_offspring(
+    driver: Driver,
+    recipe: Any,
+    pair: Sequence[str],
+    units: Sequence[Sequence[str]],
+    rng: random.Random,
+    *,
+    parent_density: float,
+    child_density: float,
+) -> Proposal:
+    """The proposal that scores one SLERP child, its intermediate stages made (not scored).
+
+    Parents are pruned first (``sae_prune`` at ``parent_density``, when below 1), then blended
+    by a ``slerp`` stage split at a layer boundary drawn from ``rng``; the proposal is that
+    blend, or the ``sae_prune`` of it at ``child_density`` when below 1.
+    """
+    dtype = driver.dtype
+    ends = list(pair)
+    if parent_density < 1.0:
+        stages = [
+            Proposal(prune_record(i, 1.0 - parent_density, recipe, dtype), "pruned", (i,))
+            for i in pair
+        ]
+        ends = [made.member.id for made in driver.make(stages, score=False)]
+    split, w = draw_crossover(units, rng)
+    record = crossover_record(ends[0], ends[1], units, split, w, dtype)
+    label = f"slerp w={w:.4f}"
+    if child_density >= 1.0:
+        return Proposal(record, "offspring", tuple(ends), label)
+    (blend,) = driver.make([Proposal(record, "crossover", tuple(ends), label)], score=False)
+    pruned = prune_record(blend.member.id, 1.0 - child_density, recipe, dtype)
+    return Proposal(pruned, "offspring", (blend.member.id,), label)
+
+
+def read_units(driver: Driver) -> list[list[str]]:
+    """SLERP's crossover units (tensor names by layer), read from the first parent."""
+    path = Path(driver.members[driver.parents[0]].path)
+    return crossover_units(tensor_names([open_model(path)], [path]))

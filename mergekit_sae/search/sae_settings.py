@@ -1,4 +1,4 @@
-"""SAE's own recipe block (``sae:``): framework, archive, schedule, total score, operators.
+"""SAE's own recipe block (``sae:``), its state, and the search base both frameworks share.
 
 Everything SAE-shaped lives here; the run-wide settings every search shares (``prune_target``,
 ``sparsity_measure``, ``dtype``, ``device``, ``budget``, ``steps``) stay at the recipe's top
@@ -21,7 +21,7 @@ from mergekit_sae.domains import (
     SparsityScope,
     check_schedule,
 )
-from mergekit_sae.search.base import SearchSettings
+from mergekit_sae.search.base import Search, SearchSettings
 from mergekit_sae.sparsity import cyclic_rate
 
 Framework = Literal["niches", "ga"]
@@ -100,7 +100,7 @@ class SparsityTerm(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     form: SparsityForm = Field("linear", description="linear in zeros, or softmax over the archive")
-    weight: NonNegative = Field(0.1, description="beta: the term's weight (the fitness weighs 1)")
+    weight: NonNegative = Field(0.02, description="beta: the term's weight (the fitness weighs 1)")
     temperature: float = Field(1.0, gt=0.0, description="softmax temperature tau")
     max_zeros: Fraction | None = Field(
         None, description="cap: members with more zeros are evicted first (None: no cap)"
@@ -122,9 +122,9 @@ class SaeSettings(SearchSettings):
     )
     sparsity_term: SparsityTerm = Field(default_factory=SparsityTerm)
     crossover: Crossover = Field(
-        "sae_evolve",
-        description="offspring operator: sae_evolve (eq. 5), slerp (M2N2's split point; "
-        "niches only), scf_rkl (fitter parent anchors)",
+        "slerp",
+        description="offspring operator: sae_evolve (eq. 5), slerp (M2N2's split point), "
+        "scf_rkl (fitter parent anchors)",
     )
     merge: SaeMergeSettings = Field(default_factory=SaeMergeSettings)
     children_per_step: int = Field(
@@ -157,8 +157,6 @@ class SaeSettings(SearchSettings):
                 f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not read under "
                 f"framework {self.framework!r}"
             )
-        if self.framework == "ga" and self.crossover == "slerp":
-            raise ValueError("crossover 'slerp' needs framework 'niches'")
         if self.fitness == "shared" and not self.rescore:
             raise ValueError("fitness 'shared' needs rescore: true")
         return self
@@ -191,3 +189,27 @@ class SaeState(BaseModel):
     draw: int = 0
     children: int = 0
     units: list[list[str]] = Field(default_factory=list)
+
+
+class SaeBase(Search):
+    """What SAE's two frameworks share: the name, the settings and state models, the labels."""
+
+    name = "sae"
+    title = "Sparsity-Aware Evolution ([SAE](https://arxiv.org/abs/2602.08218))"
+    settings_model = SaeSettings
+    state_model = SaeState
+    settings: SaeSettings
+    state: SaeState
+
+    @property
+    def result_label(self) -> str:
+        """The evolved model's row label."""
+        return "SAE (evolved)"
+
+    def card_settings(self) -> dict[str, Any]:
+        """SAE's block and the run's steps."""
+        return {"search": self.name, "steps": self.recipe.steps, **self.settings.model_dump()}
+
+    def keep(self) -> list[str]:
+        """The living archive."""
+        return list(self.state.archive)

@@ -14,7 +14,7 @@ from mergekit_sae.atomic import atomic_dir
 from mergekit_sae.errors import TestbedError
 from mergekit_sae.testbed.config import TestbedConfig
 from mergekit_sae.testbed.data import TASKS, make_data, task_file, task_specs, write_data
-from mergekit_sae.testbed.merges import STATIC_MERGES, static_merge
+from mergekit_sae.testbed.merges import STATIC_MERGES, static_merge, static_merge_records
 from mergekit_sae.testbed.models import finetune_math, finetune_multilingual, pretrain_base
 from mergekit_sae.testbed.quality import format_table, quality_checks, score_models
 
@@ -138,14 +138,7 @@ def _build_into(work: Path, config: TestbedConfig, say) -> dict:
         "models": {name: name for name in MODELS},  # folders relative to the testbed
         "tasks": task_specs(Path()),  # JSONL paths relative to the testbed
         "accuracy": table,
-        "static_merges": {
-            name: {
-                "method": merge.method,
-                "parameters": {**merge.per_model, **merge.shared},
-                "uses_base": merge.with_base,
-            }
-            for name, merge in STATIC_MERGES.items()
-        },
+        "static_merges": static_merge_records(),
         "quality_checks": checks,
         "quality_passed": all(checks.values()),
         "parameters": sum(p.numel() for p in rows["base"].parameters()),

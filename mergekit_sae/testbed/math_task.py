@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from mergekit_sae.testbed.vocab import ANSWER_MARK
 
@@ -25,7 +25,9 @@ TEMPLATES: tuple[tuple[str, str, str], ...] = (
 
 
 def apply(op: str, x: int, y: int) -> int:
-    """Apply `+` or `-`."""
+    """Apply `+`, `-` or `*`."""
+    if op == "*":
+        return x * y
     return x + y if op == "+" else x - y
 
 
@@ -51,22 +53,31 @@ def random_problem(rng: random.Random, max_operand: int) -> dict:
     return {"prompt": prompt, "answer": str(answer), "solution": worked}
 
 
-def math_splits(rng: random.Random, n_train: int, n_test: int, max_operand: int):
-    """Draw distinct problems and split them into disjoint (train, test) lists."""
+def distinct_splits(
+    draw: Callable[[], dict], n_train: int, n_test: int, *, what: str, hint: str = ""
+):
+    """Draw items until `n_train + n_test` distinct prompts, split into (train, test) lists."""
     seen: dict[str, dict] = {}
-    limit = 50 * (n_train + n_test)
-    for _ in range(limit):
+    for _ in range(50 * (n_train + n_test)):
         if len(seen) == n_train + n_test:
             break
-        item = random_problem(rng, max_operand)
+        item = draw()
         seen.setdefault(item["prompt"], item)
     else:
-        raise ValueError(
-            f"could not draw {n_train + n_test} distinct math problems with max_operand="
-            f"{max_operand}; lower math_train/math_test or raise max_operand"
-        )
+        raise ValueError(f"could not draw {n_train + n_test} distinct {what}{hint}")
     items = list(seen.values())
     return items[:n_train], items[n_train:]
+
+
+def math_splits(rng: random.Random, n_train: int, n_test: int, max_operand: int):
+    """Draw distinct problems and split them into disjoint (train, test) lists."""
+    return distinct_splits(
+        lambda: random_problem(rng, max_operand),
+        n_train,
+        n_test,
+        what="math problems",
+        hint=f" with max_operand={max_operand}; lower math_train/math_test or raise max_operand",
+    )
 
 
 def random_chain(rng: random.Random, max_operand: int) -> str:

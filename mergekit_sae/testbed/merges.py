@@ -6,7 +6,7 @@ testbed report uses.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -40,3 +40,17 @@ def static_merge(
         base="base" if merge.with_base else None,
         parameters={**merge.per_model, **merge.shared},
     )
+
+
+def static_merge_records(names: Iterable[str] | None = None) -> dict[str, dict]:
+    """How each named static merge (default: all) was made: method, parameters, whether it
+    uses the base."""
+    return {
+        name: {
+            "method": merge.method,
+            "parameters": {**merge.per_model, **merge.shared},
+            "uses_base": merge.with_base,
+        }
+        for name, merge in STATIC_MERGES.items()
+        if names is None or name in names
+    }

@@ -36,6 +36,40 @@ def lr_at(step: int, stage: StageConfig) -> float:
     return stage.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def make_optimizer(model, stage: StageConfig) -> torch.optim.AdamW:
+    """The AdamW optimizer every testbed stage trains with."""
+    return torch.optim.AdamW(
+        model.parameters(), lr=stage.lr, betas=(0.9, 0.98), weight_decay=stage.weight_decay
+    )
+
+
+def target_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The causal LM loss of `model(**batch).loss`, with the output head applied only where
+    a label is set (a large vocabulary's head is a fifth of a small model's compute)."""
+    hidden = model.base_model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
+
+
+def train_step(
+    model, optimizer, batch: dict[str, torch.Tensor], lr: float, *, targets_only: bool = False
+) -> float:
+    """One optimizer step at learning rate `lr` (gradients clipped to norm 1); the loss.
+    `targets_only` computes the loss with `target_loss`."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = target_loss(model, batch) if targets_only else model(**batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def train(
     model,
     tokenizer,
@@ -46,19 +80,11 @@ def train(
 ) -> list[float]:
     """Run `stage.steps` AdamW steps on batches from `draw_batch(batch_size)`; return the losses."""
     model.train()
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=stage.lr, betas=(0.9, 0.98), weight_decay=stage.weight_decay
-    )
+    optimizer = make_optimizer(model, stage)
     losses = []
     for step in range(stage.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, stage)
-        loss = model(**encode_batch(tokenizer, draw_batch(stage.batch_size))).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        batch = encode_batch(tokenizer, draw_batch(stage.batch_size))
+        losses.append(train_step(model, optimizer, batch, lr_at(step, stage)))
         if log and (step + 1) % max(1, stage.steps // 5) == 0:
             log(f"step {step + 1}/{stage.steps} loss {sum(losses[-20:]) / len(losses[-20:]):.3f}")
     model.eval()

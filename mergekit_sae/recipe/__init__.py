@@ -1,0 +1,1 @@
+"""The evolve recipe: its pydantic schema, YAML loading and model resolution."""
