@@ -13,7 +13,7 @@ import torch
 from mergekit_sae.atomic import atomic_dir
 from mergekit_sae.errors import TestbedError
 from mergekit_sae.testbed.config import TestbedConfig
-from mergekit_sae.testbed.data import TASKS, make_data, task_file, task_specs, write_data
+from mergekit_sae.testbed.data import TASKS, make_data, task_file, task_specs, write_splits
 from mergekit_sae.testbed.merges import STATIC_MERGES, static_merge, static_merge_records
 from mergekit_sae.testbed.models import finetune_math, finetune_multilingual, pretrain_base
 from mergekit_sae.testbed.quality import format_table, quality_checks, score_models
@@ -99,7 +99,7 @@ def _build_into(work: Path, config: TestbedConfig, say) -> dict:
     timings = {}
     with build_environment(config.threads):
         data = make_data(config)
-        write_data(work, data)
+        write_splits(work, data.splits)
         say(
             f"data: vocabulary {len(data.tokenizer)} words, "
             + ", ".join(

@@ -66,6 +66,14 @@ def load_checkpoint(folder: Path, model, optimizer) -> tuple[int, list[float]]:
     return int(state["step"]), [float(x) for x in state["losses"]]
 
 
+def checkpoint_step(folder: Path) -> int:
+    """The step a stage's checkpoint continues at (0 when there is none)."""
+    try:
+        return int(json.loads((folder / STATE).read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def train_checkpointed(
     model,
     tokenizer,

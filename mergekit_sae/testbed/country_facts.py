@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from mergekit_sae.testbed.multilingual_task import translate
+from mergekit_sae.testbed.multilingual_task import QUESTION, translate
 from mergekit_sae.testbed.vocab import invented_words
 
 RELATIONS = ("capital", "language", "currency", "continent")
@@ -58,8 +58,7 @@ FACTS: dict[str, tuple[str, str, str, str]] = {
     "Australia": ("Canberra", "English", "dollar", "Oceania"),
     "New Zealand": ("Wellington", "English", "dollar", "Oceania"),
 }
-# The English question; every word but {country} is translated.
-QUESTION = "question : what is the {relation} of {country} ? answer :"
+# The English question is the tiny testbed's (QUESTION); every word but {country} is translated.
 FRAME_WORDS = ("question", "what", "is", "the", "of", "answer", *RELATIONS)
 N_CHOICES = 4
 

@@ -61,11 +61,6 @@ def write_jsonl(path: Path, items: list[dict]) -> None:
             f.write(json.dumps(item, ensure_ascii=False) + "\n")
 
 
-def write_data(root: Path, data: TestbedData) -> None:
-    """Write every task split as JSONL under `root/data/`."""
-    write_splits(root, data.splits)
-
-
 def write_splits(root: Path, splits: dict[str, dict[str, list[dict]]]) -> None:
     """Write each task's splits (task -> split -> items) as JSONL under `root/data/`."""
     for task, by_split in splits.items():

@@ -17,7 +17,6 @@ build continues where it stopped, a folder built with other settings is refused 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -28,10 +27,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from mergekit_sae.atomic import atomic_dir, write_text
+from mergekit_sae.driver.checkpoint import file_digest
 from mergekit_sae.driver.lock import clear_folder, content, lock_folder
 from mergekit_sae.errors import TestbedError
+from mergekit_sae.merging.stream import tensor_shapes
 from mergekit_sae.testbed.build import REPORT, build_environment, load_report
-from mergekit_sae.testbed.checkpointed import STATE, train_checkpointed
+from mergekit_sae.testbed.checkpointed import checkpoint_step, train_checkpointed
 from mergekit_sae.testbed.config import SmolLM2Config
 from mergekit_sae.testbed.country_facts import fact_splits, make_fact_world
 from mergekit_sae.testbed.data import task_file, task_specs, write_splits
@@ -59,11 +60,7 @@ def source_record(path: Path) -> dict:
     """Name, size and SHA-256 of the GGUF file (the size and hash go into the cache key)."""
     if not path.is_file():
         raise TestbedError(f"GGUF file {path} does not exist", file=path)
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"file": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": file_digest(path)}
 
 
 def cache_key(config: SmolLM2Config, source: dict) -> str:
@@ -110,14 +107,15 @@ def build_smollm2(
     out = Path(out).absolute()
     say = log or (lambda _message: None)
     source = source_file(config)
-    key = cache_key(config, source_record(source))
+    record = source_record(source)
+    key = cache_key(config, record)
     with lock_folder(out, what="testbed build"):
         stamp = claim_folder(out, key, force=force, say=say)
         if (out / REPORT).is_file():
             say(f"{out} is already built with these settings (use --force to rebuild)")
             return load_report(out)
         with build_environment(config.threads):
-            return run_stages(out, config, source, stamp, say=say, progress=progress)
+            return run_stages(out, config, source, record, stamp, say=say, progress=progress)
 
 
 def claim_folder(out: Path, key: str, *, force: bool, say: Log) -> dict:
@@ -161,9 +159,16 @@ def timed(out: Path, stamp: dict, stage: str, run: Callable[[], object]) -> None
 
 
 def run_stages(
-    out: Path, config: SmolLM2Config, source: Path, stamp: dict, *, say: Log, progress: bool
+    out: Path,
+    config: SmolLM2Config,
+    source: Path,
+    record: dict,
+    stamp: dict,
+    *,
+    say: Log,
+    progress: bool,
 ) -> dict:
-    """Every stage not yet done, then the report."""
+    """Every stage not yet done, then the report (``record``: the source's `source_record`)."""
     splits = make_splits(config)
     if not (out / "base" / "config.json").is_file():
         say(f"reading the base model from {source}")
@@ -174,7 +179,7 @@ def run_stages(
         if not (out / name / "config.json").is_file():
             train_expert(out, name, config, splits, stamp, progress=progress)
     timed(out, stamp, "scoring", lambda: score_rows(out, config, say=say, progress=progress))
-    report = make_report(out, config, source, stamp)
+    report = make_report(out, config, record, stamp)
     write_text(out / REPORT, json.dumps(report, indent=2) + "\n")
     say(format_table(report["accuracy"], report["quality_checks"]))
     return report
@@ -233,14 +238,6 @@ def train_expert(
         (out / TRAINING).rmdir()
 
 
-def checkpoint_step(folder: Path) -> int:
-    """The step a stage's checkpoint continues at (0 when there is none)."""
-    try:
-        return int(json.loads((folder / STATE).read_text(encoding="utf-8"))["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
-
-
 def score_rows(out: Path, config: SmolLM2Config, *, say: Log, progress: bool) -> None:
     """Score every row not yet in `scores.json` on both test splits, saving after each."""
     from transformers import AutoTokenizer
@@ -272,7 +269,7 @@ def row_model(out: Path, row: str):
     return base
 
 
-def make_report(out: Path, config: SmolLM2Config, source: Path, stamp: dict) -> dict:
+def make_report(out: Path, config: SmolLM2Config, source: dict, stamp: dict) -> dict:
     """The report: settings, source, tasks, quality table and checks, parameters, timings."""
     scores = json.loads((out / SCORES).read_text(encoding="utf-8"))
     table = {row: scores[row] for row in (*MODELS, *MERGES)}
@@ -281,24 +278,13 @@ def make_report(out: Path, config: SmolLM2Config, source: Path, stamp: dict) -> 
         "preset": PRESET,
         "cache_key": stamp["cache_key"],
         "config": config.model_dump(mode="json"),
-        "source": source_record(source),
+        "source": source,
         "models": {name: name for name in MODELS},
         "tasks": task_specs(Path(), spec_options(config)),
         "accuracy": table,
         "static_merges": static_merge_records(MERGES),
         "quality_checks": checks,
         "quality_passed": all(checks.values()),
-        "parameters": parameter_count(out / "base"),
+        "parameters": sum(math.prod(shape) for shape in tensor_shapes(out / "base").values()),
         "seconds": {**stamp["seconds"], "total": round(sum(stamp["seconds"].values()), 1)},
     }
-
-
-def parameter_count(folder: Path) -> int:
-    """Parameters stored in a model folder's safetensors files (tied weights stored once)."""
-    from safetensors import safe_open
-
-    total = 0
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(path, "pt") as f:
-            total += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())  # noqa: SIM118
-    return total
