@@ -27,11 +27,10 @@ from mergekit_sae.search.niches import (
     crossover_units,
     draw,
     draw_crossover,
-    first_parent_probabilities,
     flat_items,
     item_fitness,
-    second_parent_probabilities,
     select_parents,
+    selection_probabilities,
     shared_fitness,
 )
 
@@ -100,27 +99,25 @@ def test_archive_replacement_by_hand() -> None:
 
 
 def test_first_parent_proportional_to_shared_fitness() -> None:
-    assert first_parent_probabilities(shared_fitness(S, 1.0, W)) == pytest.approx(
-        [0.375, 0.375, 0.25]
-    )
-    assert first_parent_probabilities([0.0, 0.0, 0.0, 0.0]) == [0.25] * 4  # all-zero guard
+    assert selection_probabilities(shared_fitness(S, 1.0, W)) == pytest.approx([0.375, 0.375, 0.25])
+    assert selection_probabilities([0.0, 0.0, 0.0, 0.0]) == [0.25] * 4  # all-zero guard
 
 
 def test_attraction_by_hand() -> None:
     matrix = item_fitness(S, 1.0, W)
     # to model 0: model 1 beats it on item 2 (.25), model 2 on item 3 (.25)
     assert attraction(matrix, 0) == [0.0, 0.25, 0.25]
-    assert second_parent_probabilities(attraction(matrix, 0), 0) == [0.0, 0.5, 0.5]
+    assert selection_probabilities(attraction(matrix, 0), exclude=0) == [0.0, 0.5, 0.5]
     # to model 2: model 0 gains on items 0, 1 (.125 + .25), model 1 on items 0, 2
     assert attraction(matrix, 2) == [0.375, 0.375, 0.0]
-    assert second_parent_probabilities(attraction(matrix, 2), 2) == [0.5, 0.5, 0.0]
+    assert selection_probabilities(attraction(matrix, 2), exclude=2) == [0.5, 0.5, 0.0]
 
 
 def test_attraction_all_zero_falls_back_to_uniform_over_the_others() -> None:
     dominant = [[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]]  # model 0 is at least as good everywhere
     pull = attraction(item_fitness(dominant, 1.0, [0.5, 0.5]), 0)
     assert pull == [0.0, 0.0, 0.0]
-    assert second_parent_probabilities(pull, 0) == [0.0, 0.5, 0.5]
+    assert selection_probabilities(pull, exclude=0) == [0.0, 0.5, 0.5]
     # every model fails every item: both draws are uniform, never the same model twice
     zeros = [[0.0, 0.0]] * 3
     for seed in range(50):

@@ -13,17 +13,17 @@ from mergekit_sae.merging.recipes import RECIPE_FILE, recipe_documents, run_reci
 from mergekit_sae.recipe.loading import parse_recipe
 from mergekit_sae.records import lineage
 from mergekit_sae.run import run
-from mergekit_sae.search.niches import attraction, fate, item_fitness, place_child
-from mergekit_sae.search.sae import (
+from mergekit_sae.search.niches import (
     EXCLUDED,
-    SaeSearch,
+    attraction,
     choose_parents,
     eviction_slot,
-    result_index,
+    fate,
+    item_fitness,
+    place_child,
     selection_probabilities,
-    sparsity_terms,
-    total_scores,
 )
+from mergekit_sae.search.sae import SaeSearch, result_index, sparsity_terms, total_scores
 from mergekit_sae.search.sae_ga import SaeGaSearch
 from mergekit_sae.search.sae_settings import SparsityTerm
 

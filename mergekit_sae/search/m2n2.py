@@ -36,23 +36,21 @@ comes from ``driver.rng(t, "m2n2", c, ...)``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from mergekit_sae.merging.stream import open_model, tensor_names
 from mergekit_sae.records import Member
 from mergekit_sae.search.base import Driver, Proposal, Search, SearchSettings
 from mergekit_sae.search.niches import (
     archive_slot,
     best_index,
     crossover_record,
-    crossover_units,
     draw_crossover,
     fate,
     flat_items,
     place_child,
+    read_units,
     select_parents,
     shared_fitness,
 )
@@ -123,9 +121,7 @@ class M2n2Search(Search):
 
     def start(self, driver: Driver) -> None:
         """No stored models to make: read the crossover units from the first parent."""
-        first = driver.members[driver.parents[0]]
-        path = Path(first.path)
-        self.state.units = crossover_units(tensor_names([open_model(path)], [path]))
+        self.state.units = read_units(driver)
         self.state.archive = []
 
     def score_archive(self, driver: Driver, ids: Sequence[str]) -> bool:

@@ -1,29 +1,36 @@
 """The rules of natural niches (M2N2, Abrantes et al. 2025), shared by the M2N2 and SAE searches.
 
 Pure functions of per-item score rows (one row per archive member, all tasks in one row, see
-:func:`flat_items`), so each can be checked by hand:
+:func:`flat_items`), so each can be checked by hand (only :func:`read_units` reads a file):
 
 - resource competition: :func:`shared_fitness`, :func:`item_fitness` (f_ij = w_j s_ij / z_j^alpha,
   z_j the column total, 0 replaced by 1);
-- mate selection: :func:`first_parent_probabilities`, :func:`attraction` and
-  :func:`second_parent_probabilities`, drawn with :func:`draw`; :func:`select_parents` wires
-  M2N2's rule (first by shared fitness, second by attraction);
-- archive update: :func:`archive_slot` (the child joins; the lowest shared fitness leaves),
-  :func:`place_child` (the archive and its rows updated in place);
-- split-point crossover units and SLERP's per-tensor ``t``: :func:`crossover_units`,
-  :func:`draw_crossover`, :func:`crossover_t`, :func:`crossover_record`.
+- mate selection: :func:`choose_parents` (first by a total score, second by :func:`attraction`
+  to the first), with :func:`selection_probabilities` (positive part, -inf excluded, uniform
+  fallback) drawn with :func:`draw`; :func:`select_parents` is M2N2's rule (the total score
+  is the shared fitness);
+- archive update: :func:`eviction_slot` (the child joins; the lowest total leaves),
+  :func:`archive_slot` M2N2's (by shared fitness), :func:`place_child` (the archive and its
+  rows updated in place);
+- split-point crossover units and SLERP's per-tensor ``t``: :func:`crossover_units` (of the
+  run's models: :func:`read_units`), :func:`draw_crossover`, :func:`crossover_t`,
+  :func:`crossover_record`.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from mergekit_sae.merging.per_tensor import conditional, layer_of
+from mergekit_sae.merging.stream import open_model, tensor_names
 from mergekit_sae.records import MergeInput, MergeRecord
+from mergekit_sae.search.base import Driver
 
 # Substrings of non-layer tensor names that sit on the input side of the decoder stack.
 INPUT_SIDE = ("embed", "wte", "wpe")
+EXCLUDED = float("-inf")  # a total score that is never drawn and leaves first (SAE's cap)
 
 
 def shared_fitness(
@@ -92,17 +99,6 @@ def best_index(values: Sequence[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
-def first_parent_probabilities(fitness: Sequence[float]) -> list[float]:
-    """Probability of each member to be the first parent: proportional to shared fitness.
-
-    All zero (nobody solves any item): uniform.
-    """
-    total = sum(fitness)
-    if total <= 0:
-        return [1.0 / len(fitness)] * len(fitness)
-    return [f / total for f in fitness]
-
-
 def attraction(matrix: Sequence[Sequence[float]], first: int) -> list[float]:
     """Attraction of each member to the first parent: sum_j max(0, f_ij - f_first,j).
 
@@ -110,20 +106,6 @@ def attraction(matrix: Sequence[Sequence[float]], first: int) -> list[float]:
     """
     anchor = matrix[first]
     return [sum(max(0.0, f - a) for f, a in zip(row, anchor, strict=True)) for row in matrix]
-
-
-def second_parent_probabilities(scores: Sequence[float], first: int) -> list[float]:
-    """Probability of each member to be the second parent, proportional to ``scores``.
-
-    The first parent has probability 0; when no other member scores above 0, uniform over the
-    others.
-    """
-    others = [0.0 if i == first else max(0.0, s) for i, s in enumerate(scores)]
-    total = sum(others)
-    if total <= 0:
-        share = 1.0 / (len(scores) - 1)
-        return [0.0 if i == first else share for i in range(len(scores))]
-    return [s / total for s in others]
 
 
 def draw(probabilities: Sequence[float], rng: random.Random) -> int:
@@ -143,6 +125,49 @@ def draw(probabilities: Sequence[float], rng: random.Random) -> int:
     return last  # u rounded up to the total
 
 
+def selection_probabilities(values: Sequence[float], exclude: int | None = None) -> list[float]:
+    """Probabilities proportional to the positive part of ``values``.
+
+    Members at -inf (EXCLUDED) and ``exclude`` get 0. When no other member has a positive
+    value: uniform over those not at -inf (all but ``exclude`` when every other one is).
+    """
+    allowed = [i != exclude and v != EXCLUDED for i, v in enumerate(values)]
+    if not any(allowed):
+        allowed = [i != exclude for i in range(len(values))]
+    if not any(allowed):
+        raise ValueError("no member can be drawn")
+    positive = [max(0.0, v) if ok else 0.0 for v, ok in zip(values, allowed, strict=True)]
+    total = sum(positive)
+    if total > 0:
+        return [p / total for p in positive]
+    share = 1.0 / sum(allowed)
+    return [share if ok else 0.0 for ok in allowed]
+
+
+def choose_parents(
+    rows: Sequence[Sequence[float]],
+    item_weights: Sequence[float],
+    totals: Sequence[float],
+    alpha: float,
+    rng: random.Random,
+    *,
+    matchmaker: bool = True,
+) -> tuple[int, int]:
+    """Indices (first, second): the first by total score, the second by attraction to the
+    first (``matchmaker``) or by total score; two different members, none at -inf while
+    others are left."""
+    if len(rows) < 2:
+        raise ValueError("mate selection needs at least two archive members")
+    first = draw(selection_probabilities(totals), rng)
+    if matchmaker:
+        pull = attraction(item_fitness(rows, alpha, item_weights), first)
+        pull = [EXCLUDED if t == EXCLUDED else p for p, t in zip(pull, totals, strict=True)]
+    else:
+        pull = list(totals)
+    second = draw(selection_probabilities(pull, exclude=first), rng)
+    return first, second
+
+
 def select_parents(
     scores: Sequence[Sequence[float]],
     item_weights: Sequence[float],
@@ -151,21 +176,23 @@ def select_parents(
     *,
     use_attraction: bool = True,
 ) -> tuple[int, int]:
-    """Indices (first, second) of the parents among the archive rows ``scores`` (two draws).
-
-    First by shared fitness; second by attraction to the first (``use_attraction``) or by
-    shared fitness; never the same member twice.
-    """
-    if len(scores) < 2:
-        raise ValueError("mate selection needs at least two archive members")
+    """M2N2's mate selection among the archive rows ``scores``: :func:`choose_parents` with
+    the shared fitness as the total score."""
     fitness = shared_fitness(scores, alpha, item_weights)
-    first = draw(first_parent_probabilities(fitness), rng)
-    if use_attraction:
-        pull = attraction(item_fitness(scores, alpha, item_weights), first)
-    else:
-        pull = fitness
-    second = draw(second_parent_probabilities(pull, first), rng)
-    return first, second
+    return choose_parents(scores, item_weights, fitness, alpha, rng, matchmaker=use_attraction)
+
+
+def eviction_slot(totals: Sequence[float], capacity: int) -> int | None:
+    """Where the child (the last of ``totals``: archive then child) goes.
+
+    The archive's length (append) while it holds fewer than ``capacity``; once full, the slot
+    of the lowest total (earliest on ties, the child last), or None when that is the child.
+    """
+    size = len(totals) - 1
+    if size < capacity:
+        return size
+    worst = worst_index(totals)
+    return None if worst == size else worst
 
 
 def archive_slot(
@@ -175,16 +202,9 @@ def archive_slot(
     alpha: float,
     item_weights: Sequence[float],
 ) -> int | None:
-    """Where a child goes in the archive whose rows are ``scores``.
-
-    ``len(scores)`` (append) while the archive is not full; once full, the slot of the member
-    of archive + child with the lowest shared fitness (earliest on ties, the child last), or
-    None when that member is the child itself.
-    """
-    if len(scores) < capacity:
-        return len(scores)
-    worst = worst_index(shared_fitness([*scores, child], alpha, item_weights))
-    return None if worst == len(scores) else worst
+    """M2N2's archive update: :func:`eviction_slot` with the shared fitness of archive + child
+    (rows ``scores`` and ``child``) as the totals."""
+    return eviction_slot(shared_fitness([*scores, child], alpha, item_weights), capacity)
 
 
 def place_child(
@@ -230,6 +250,12 @@ def crossover_units(names: Sequence[str]) -> list[list[str]]:
             after.append(name)
     units = [before, *(layers[k] for k in sorted(layers)), after]
     return [unit for unit in units if unit]
+
+
+def read_units(driver: Driver) -> list[list[str]]:
+    """The crossover units of the run's models, read from the first parent's tensor names."""
+    path = Path(driver.members[driver.parents[0]].path)
+    return crossover_units(tensor_names([open_model(path)], [path]))
 
 
 def draw_crossover(units: Sequence[Sequence[str]], rng: random.Random) -> tuple[int, float]:

@@ -38,35 +38,31 @@ module takes the framework from the code and the offspring operator from the pap
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mergekit_sae.records import Member
 from mergekit_sae.search.base import Driver, Proposal, Result, Search, SearchSettings
 from mergekit_sae.search.niches import (
-    attraction,
+    EXCLUDED,
     best_index,
-    draw,
+    choose_parents,
+    eviction_slot,
     fate,
     flat_items,
-    item_fitness,
     place_child,
+    read_units,
     shared_fitness,
-    worst_index,
 )
 from mergekit_sae.search.sae_ga import SaeGaSearch
 from mergekit_sae.search.sae_operators import (
     make_initial_archive,
     offspring_record,
     original_parents,
-    read_units,
     scf_rkl_offspring_record,
     slerp_offspring,
 )
 from mergekit_sae.search.sae_settings import SaeBase, SaeSettings, SparsityTerm
-
-EXCLUDED = float("-inf")  # the total score of a member over the max_zeros cap
 
 # --- pure rules -------------------------------------------------------------------------------
 
@@ -96,62 +92,6 @@ def total_scores(
         EXCLUDED if cap is not None and z > cap else f + term.weight * t
         for f, t, z in zip(fitness, terms, zeros, strict=True)
     ]
-
-
-def selection_probabilities(values: Sequence[float], exclude: int | None = None) -> list[float]:
-    """Probabilities proportional to the positive part of ``values``.
-
-    Members at -inf (over the cap) and ``exclude`` get 0. When no other member has a positive
-    value: uniform over those not at -inf (all but ``exclude`` when every other one is).
-    """
-    allowed = [i != exclude and v != EXCLUDED for i, v in enumerate(values)]
-    if not any(allowed):
-        allowed = [i != exclude for i in range(len(values))]
-    if not any(allowed):
-        raise ValueError("no member can be drawn")
-    positive = [max(0.0, v) if ok else 0.0 for v, ok in zip(values, allowed, strict=True)]
-    total = sum(positive)
-    if total > 0:
-        return [p / total for p in positive]
-    share = 1.0 / sum(allowed)
-    return [share if ok else 0.0 for ok in allowed]
-
-
-def choose_parents(
-    rows: Sequence[Sequence[float]],
-    item_weights: Sequence[float],
-    totals: Sequence[float],
-    alpha: float,
-    rng: random.Random,
-    *,
-    matchmaker: bool = True,
-) -> tuple[int, int]:
-    """Indices (first, second): the first by total score, the second by attraction to the
-    first (``matchmaker``) or by total score; two different members, none over the cap while
-    others are left."""
-    if len(rows) < 2:
-        raise ValueError("mate selection needs at least two archive members")
-    first = draw(selection_probabilities(totals), rng)
-    if matchmaker:
-        pull = attraction(item_fitness(rows, alpha, item_weights), first)
-        pull = [EXCLUDED if t == EXCLUDED else p for p, t in zip(pull, totals, strict=True)]
-    else:
-        pull = list(totals)
-    second = draw(selection_probabilities(pull, exclude=first), rng)
-    return first, second
-
-
-def eviction_slot(totals: Sequence[float], capacity: int) -> int | None:
-    """Where the child (the last of ``totals``: archive then child) goes.
-
-    The archive's length (append) while it holds fewer than ``capacity``; once full, the slot
-    of the lowest total (earliest on ties, the child last), or None when that is the child.
-    """
-    size = len(totals) - 1
-    if size < capacity:
-        return size
-    worst = worst_index(totals)
-    return None if worst == size else worst
 
 
 def result_index(
@@ -233,24 +173,23 @@ class SaeSearch(SaeBase):
         driver.note(children=children, archive_total=self.totals_by_member(driver))
 
     def score_archive(self, driver: Driver) -> bool:
-        """Score every archive member on the step's items; False when the budget ran out."""
-        results = driver.rescore(self.state.archive)
+        """Score every archive member on the step's items, keeping their flat per-item rows;
+        False when the budget ran out."""
+        state = self.state
+        results = driver.rescore(state.archive)
         for result in results:
-            self.store_row(driver, result)
+            row, state.item_weights = flat_items(result.item_scores, driver.task_weights)
+            state.rows[result.member.id] = row
         self.set_fitness(driver)
-        return len(results) == len(self.state.archive)
+        return len(results) == len(state.archive)
 
-    def store_row(self, driver: Driver, result: Result) -> list[float]:
-        """Keep a scored member's flat per-item row (and the items' weights)."""
-        row, weights = flat_items(result.item_scores, driver.task_weights)
-        self.state.rows[result.member.id] = row
-        self.state.item_weights = weights
-        return row
-
-    def totals(self, driver: Driver, ids: Sequence[str]) -> list[float]:
-        """The total scores of members (rows on the current items) against each other."""
+    def totals(
+        self, driver: Driver, ids: Sequence[str], rows: Sequence[Sequence[float]] | None = None
+    ) -> list[float]:
+        """The total scores of members against each other, on their rows of the current items
+        (``rows``: those of ``ids``, when not all are stored yet)."""
         settings = self.settings
-        rows = [self.state.rows[i] for i in ids]
+        rows = [self.state.rows[i] for i in ids] if rows is None else rows
         zeros = [driver.members[i].sparsity for i in ids]
         return total_scores(
             rows, self.state.item_weights, zeros, settings.alpha, settings.sparsity_term
@@ -328,11 +267,11 @@ class SaeSearch(SaeBase):
     ) -> dict[str, Any]:
         """Let the child join the archive (evicting the lowest total) or be rejected."""
         state = self.state
-        row = self.store_row(driver, child)  # the totals below read it
+        row, state.item_weights = flat_items(child.item_scores, driver.task_weights)
         ids = [*state.archive, child.member.id]
         child.member.fitness = self.answer_scores(driver, ids)[-1]
-        slot = eviction_slot(self.totals(driver, ids), self.settings.archive_size)
-        del state.rows[child.member.id]
+        rows = [*(state.rows[i] for i in state.archive), row]
+        slot = eviction_slot(self.totals(driver, ids, rows), self.settings.archive_size)
         dropped = place_child(state.archive, state.rows, child.member.id, row, slot)
         if dropped is not None:
             driver.note(replacements={child.member.id: dropped})

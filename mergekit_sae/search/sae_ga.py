@@ -28,12 +28,17 @@ from typing import Any
 
 from mergekit_sae.records import Member
 from mergekit_sae.search.base import Driver, Proposal, Result, SearchSettings
-from mergekit_sae.search.niches import best_index, flat_items, shared_fitness, worst_index
+from mergekit_sae.search.niches import (
+    best_index,
+    flat_items,
+    read_units,
+    shared_fitness,
+    worst_index,
+)
 from mergekit_sae.search.sae_operators import (
     make_initial_archive,
     offspring_record,
     original_parents,
-    read_units,
     scf_rkl_offspring_record,
     slerp_offspring,
 )

@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-from mergekit_sae.merging.stream import open_model, tensor_names
 from mergekit_sae.records import Member, MergeInput, MergeRecord, lineage
 from mergekit_sae.search.base import Driver, Proposal
-from mergekit_sae.search.niches import crossover_record, crossover_units, draw_crossover
+from mergekit_sae.search.niches import crossover_record, draw_crossover
 from mergekit_sae.search.sae_settings import SaeMergeSettings, SaeSettings
 
 # Smallest score handed to the merge: eq. 5 is undefined when every parent scores zero.
@@ -223,9 +221,3 @@ def slerp_offspring(
     (blend,) = driver.make([Proposal(record, "crossover", tuple(ends), label)], score=False)
     pruned = prune_record(blend.member.id, 1.0 - child_density, recipe, dtype)
     return Proposal(pruned, "offspring", (blend.member.id,), label)
-
-
-def read_units(driver: Driver) -> list[list[str]]:
-    """SLERP's crossover units (tensor names by layer), read from the first parent."""
-    path = Path(driver.members[driver.parents[0]].path)
-    return crossover_units(tensor_names([open_model(path)], [path]))
