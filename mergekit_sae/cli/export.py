@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from mergekit_sae.errors import UsageError
-from mergekit_sae.outputs.export import export
 
 
 @click.command(name="export")
@@ -22,5 +21,7 @@ def export_command(
     """Rebuild candidate CANDIDATE (a member id, e.g. m0012) of the run in OUT into MODEL_DIR."""
     if model_dir.exists() and any(model_dir.iterdir()) and not force:
         raise UsageError(f"{model_dir} is not empty; pass --force to replace it")
+    from mergekit_sae.outputs.export import export  # MergeKit and torch: not for --help
+
     export(out, candidate, model_dir, device=device)
     click.echo(f"wrote {model_dir}")

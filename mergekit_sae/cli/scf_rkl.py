@@ -20,18 +20,7 @@ import yaml
 from tqdm import tqdm
 
 from mergekit_sae.atomic import write_text
-from mergekit_sae.calibration.scf_rkl import (
-    RECIPE_COPY,
-    SIDECAR,
-    compute_importance,
-    global_threshold,
-    importance_settings,
-    load_prompts,
-    read_roles,
-    recipe_with,
-)
 from mergekit_sae.errors import UsageError
-from mergekit_sae.evaluate.device import resolve_device, resolve_dtype
 
 
 @click.group(name="scf-rkl")
@@ -92,6 +81,16 @@ def importance(
     granularity: str,
 ) -> None:
     """Compute functional importance -g * delta of each donor into OUT_DIR."""
+    from mergekit_sae.calibration.scf_rkl import (  # torch and transformers: not for --help
+        RECIPE_COPY,
+        SIDECAR,
+        compute_importance,
+        load_prompts,
+        read_roles,
+        recipe_with,
+    )
+    from mergekit_sae.evaluate.device import resolve_device, resolve_dtype
+
     if items < 1 or batch_size < 1 or max_length < 2:
         raise UsageError("--items and --batch-size must be >= 1, --max-length >= 2")
     roles = read_roles(recipe)
@@ -135,6 +134,13 @@ def importance(
 @click.argument("out_recipe", type=click.Path(dir_okay=False, path_type=Path))
 def threshold(recipe: Path, out_recipe: Path) -> None:
     """Compute the model-wide importance cut-off and write OUT_RECIPE with selection: global."""
+    from mergekit_sae.calibration.scf_rkl import (  # torch: not for --help
+        global_threshold,
+        importance_settings,
+        read_roles,
+        recipe_with,
+    )
+
     roles = read_roles(recipe)
     settings = importance_settings(roles)
     value, kept, total = global_threshold(roles, settings)

@@ -138,7 +138,8 @@ class RayExecutor:
         self, paths: Sequence[Path], items: Mapping[str, Sequence[Any]], seconds: Seconds
     ) -> Iterator[ItemScores]:
         """Per-item scores of each stored model, in the order of ``paths`` (round-robin on
-        the actors); the actors' loading time counts as ``load``, the rest as ``score``."""
+        the actors). ``score`` gets the wall time of the parallel scoring, the actors' loading
+        included; ``load`` the actors' loading times summed (they overlap that wall time)."""
         if not paths:
             return iter(())
         faults.point("score")

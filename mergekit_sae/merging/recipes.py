@@ -25,8 +25,6 @@ import yaml
 
 from mergekit_sae.atomic import atomic_dir, write_text
 from mergekit_sae.errors import RecipeError
-from mergekit_sae.merging.run_guard import run_merge_atomic
-from mergekit_sae.methods import register_all
 from mergekit_sae.records import Member, MergeInput, lineage
 
 RECIPE_FILE = "mergekit_config.yml"
@@ -236,8 +234,11 @@ def run_recipe(
     unnamed last stage to ``out_path``. The output is written once, through
     ``mergekit_sae.atomic.atomic_dir`` (it replaces any previous one whole).
     """
-    from mergekit.merge import run_merge
+    from mergekit.merge import run_merge  # MergeKit's merge machinery loads only to run
     from mergekit.options import MergeOptions
+
+    from mergekit_sae.merging.run_guard import run_merge_atomic
+    from mergekit_sae.methods import register_all
 
     register_all()
     options = options or MergeOptions()

@@ -53,13 +53,6 @@ class MergeOutcome:
     seconds: dict[str, float] = field(default_factory=lambda: {"merge": 0.0, "write": 0.0})
 
 
-def register_methods() -> None:
-    """Make sure this package's methods are in MergeKit's registry (MergeKit imported first)."""
-    import mergekit.merge_methods  # noqa: F401  (the autoload hook may register on this import)
-
-    register_all()
-
-
 def open_model(path: Path) -> LazyTensorLoader:
     """A lazy loader over a model directory's safetensors (or .bin) shards.
 
@@ -275,7 +268,7 @@ def stream_merge(
     by an interrupted step) is replaced; ``out_dir`` None merges into the sink only. Sparsity
     statistics are taken of the merged tensors, or of merged - ``stats_base`` when given.
     """
-    register_methods()
+    register_all()
     if len(inputs) != len(record.inputs):
         raise ValueError(f"{len(record.inputs)} merge inputs recorded, {len(inputs)} given")
     paths = [*inputs, *([base] if base is not None else [])]

@@ -26,7 +26,6 @@ import yaml
 
 from mergekit_sae.errors import PublishError
 from mergekit_sae.merging.recipes import render_recipe
-from mergekit_sae.recipe.loading import looks_like_path
 
 # fnmatch patterns, matched as huggingface_hub matches them (``*`` spans ``/``):
 # every hidden file or folder, at the top level or below it (this covers .git and .cache too).
@@ -98,6 +97,8 @@ def format_listing(files: Sequence[UploadFile]) -> str:
 
 def is_local_reference(reference: str) -> bool:
     """Whether a recipe's model reference is a local path rather than a Hub id."""
+    from mergekit_sae.recipe.loading import looks_like_path  # the schema loads torch: not at start
+
     return looks_like_path(reference) or Path(reference).expanduser().is_dir()
 
 

@@ -24,9 +24,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, Field, field_validator
 
-from mergekit_sae.calibration.scf_rkl import compute_importance
 from mergekit_sae.errors import RecipeError
-from mergekit_sae.evaluate.device import resolve_device, resolve_dtype
 from mergekit_sae.records import Member, MergeInput, MergeRecord
 from mergekit_sae.search.base import Driver, Proposal, Search, SearchSettings
 from mergekit_sae.search.sae_operators import merge_parameters, parent_inputs
@@ -98,6 +96,9 @@ def functional_importance(recipe: Any, driver: Driver, parents: list[str]) -> di
     Returns the pass's report (files per donor, tokens, forward/backward passes, seconds,
     peak memory).
     """
+    from mergekit_sae.calibration.scf_rkl import compute_importance  # transformers: only to run
+    from mergekit_sae.evaluate.device import resolve_device, resolve_dtype
+
     out = driver.run_dir
     paths = [str(driver.model_dir(i).absolute()) for i in parents]
     device, default_dtype = resolve_device(recipe.device)
