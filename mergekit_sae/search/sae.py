@@ -42,7 +42,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mergekit_sae.records import Member
-from mergekit_sae.search.base import Driver, Proposal, Result, Search, SearchSettings
+from mergekit_sae.search.base import Driver, Result, Search, SearchSettings
 from mergekit_sae.search.niches import (
     EXCLUDED,
     best_index,
@@ -57,10 +57,7 @@ from mergekit_sae.search.niches import (
 from mergekit_sae.search.sae_ga import SaeGaSearch
 from mergekit_sae.search.sae_operators import (
     make_initial_archive,
-    offspring_record,
-    original_parents,
-    scf_rkl_offspring_record,
-    slerp_offspring,
+    offspring_proposal,
 )
 from mergekit_sae.search.sae_settings import SaeBase, SaeSettings, SparsityTerm
 
@@ -94,16 +91,24 @@ def total_scores(
     ]
 
 
+def answer_values(
+    performances: Sequence[float], zeros: Sequence[float], term: SparsityTerm
+) -> list[float]:
+    """Each member's answer score: performance + weight * sparsity term (no competition)."""
+    terms = sparsity_terms(zeros, term.form, term.temperature)
+    return [p + term.weight * t for p, t in zip(performances, terms, strict=True)]
+
+
 def result_index(
     performances: Sequence[float | None], zeros: Sequence[float], term: SparsityTerm
 ) -> int:
-    """The answer: highest performance + weight * sparsity term (no competition); members
-    never scored or over the cap only when nothing else is left."""
-    terms = sparsity_terms(zeros, term.form, term.temperature)
+    """The answer: the highest :func:`answer_values`; members never scored or over the cap only
+    when nothing else is left."""
     cap = term.max_zeros
+    scores = answer_values([p or 0.0 for p in performances], zeros, term)
     values = [
-        EXCLUDED if p is None or (cap is not None and z > cap) else p + term.weight * t
-        for p, t, z in zip(performances, terms, zeros, strict=True)
+        EXCLUDED if p is None or (cap is not None and z > cap) else v
+        for p, v, z in zip(performances, scores, zeros, strict=True)
     ]
     if all(v == EXCLUDED for v in values):
         values = [EXCLUDED if p is None else p for p in performances]
@@ -229,37 +234,21 @@ class SaeSearch(SaeBase):
         totals: tuple[float, float],
     ) -> Result | None:
         """Make and score the pair's child with the recipe's operator (None: no budget)."""
-        settings, members = self.settings, driver.members
-        parents = [members[i] for i in pair]
-        parent_density = 1.0 - rate if settings.prune_parents else 1.0
-        child_density = 1.0 - rate if settings.prune_child else 1.0
-        label = f"rate {rate:.4f}"
-        if settings.crossover == "slerp":
-            rng = driver.rng(step, "sae", index, "crossover")
-            proposal = slerp_offspring(
-                driver,
-                self.recipe,
-                pair,
-                self.state.units,
-                rng,
-                parent_density=parent_density,
-                child_density=child_density,
-            )
-            made = driver.make([proposal])
-            return made[0] if made else None
-        if settings.crossover == "scf_rkl":
-            record = scf_rkl_offspring_record(parents, list(totals), rate, driver.dtype)
-        else:
-            record = offspring_record(
-                settings.merge,
-                self.recipe,
-                parents,
-                original_parents(members, parents),
-                parent_density=parent_density,
-                child_density=child_density,
-                dtype=driver.dtype,
-            )
-        made = driver.make([Proposal(record, "offspring", pair, label)])
+        settings = self.settings
+        proposal = offspring_proposal(
+            driver,
+            self.recipe,
+            settings,
+            pair,
+            self.state.units,
+            driver.rng(step, "sae", index, "crossover"),
+            parent_density=1.0 - rate if settings.prune_parents else 1.0,
+            child_density=1.0 - rate if settings.prune_child else 1.0,
+            rate=rate,
+            fitness=totals,
+            label=f"rate {rate:.4f}",
+        )
+        made = driver.make([proposal])
         return made[0] if made else None
 
     def admit(
@@ -281,13 +270,12 @@ class SaeSearch(SaeBase):
 
     def answer_scores(self, driver: Driver, ids: Sequence[str]) -> list[float]:
         """Performance + weight * sparsity term of scored members (no competition)."""
-        term = self.settings.sparsity_term
         members = [driver.members[i] for i in ids]
-        terms = sparsity_terms([m.sparsity for m in members], term.form, term.temperature)
-        return [
-            float(m.performance or 0.0) + term.weight * t
-            for m, t in zip(members, terms, strict=True)
-        ]
+        return answer_values(
+            [float(m.performance or 0.0) for m in members],
+            [m.sparsity for m in members],
+            self.settings.sparsity_term,
+        )
 
     def set_fitness(self, driver: Driver) -> None:
         """Record each scored archive member's answer score as its fitness (reports, plots)."""

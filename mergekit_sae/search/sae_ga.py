@@ -37,10 +37,7 @@ from mergekit_sae.search.niches import (
 )
 from mergekit_sae.search.sae_operators import (
     make_initial_archive,
-    offspring_record,
-    original_parents,
-    scf_rkl_offspring_record,
-    slerp_offspring,
+    offspring_proposal,
 )
 from mergekit_sae.search.sae_settings import SaeBase, SaeSettings
 
@@ -129,26 +126,18 @@ class SaeGaSearch(SaeBase):
         self, driver: Driver, ids: tuple[str, str], rate: float, rng: random.Random
     ) -> Proposal:
         """The proposal of one pair's offspring at the step's rate (a SLERP blend is made now)."""
-        pair = [driver.members[i] for i in ids]
-        if self.settings.crossover == "slerp":
-            units = self.state.units
-            return slerp_offspring(
-                driver, self.recipe, ids, units, rng, parent_density=1.0, child_density=1.0 - rate
-            )
-        if self.settings.crossover == "scf_rkl":
-            fitness = [float(m.fitness or 0.0) for m in pair]
-            record = scf_rkl_offspring_record(pair, fitness, rate, driver.dtype)
-        else:
-            record = offspring_record(
-                self.settings.merge,
-                self.recipe,
-                pair,
-                original_parents(driver.members, pair),
-                parent_density=1.0,
-                child_density=1.0 - rate,
-                dtype=driver.dtype,
-            )
-        return Proposal(merge=record, origin="offspring", inputs=ids)
+        return offspring_proposal(
+            driver,
+            self.recipe,
+            self.settings,
+            ids,
+            self.state.units,
+            rng,
+            parent_density=1.0,
+            child_density=1.0 - rate,
+            rate=rate,
+            fitness=[float(driver.members[i].fitness or 0.0) for i in ids],
+        )
 
     def replacement(
         self,

@@ -221,3 +221,45 @@ def slerp_offspring(
     (blend,) = driver.make([Proposal(record, "crossover", tuple(ends), label)], score=False)
     pruned = prune_record(blend.member.id, 1.0 - child_density, recipe, dtype)
     return Proposal(pruned, "offspring", (blend.member.id,), label)
+
+
+def offspring_proposal(
+    driver: Driver,
+    recipe: Any,
+    settings: SaeSettings,
+    ids: tuple[str, str],
+    units: Sequence[Sequence[str]],
+    rng: random.Random,
+    *,
+    parent_density: float,
+    child_density: float,
+    rate: float,
+    fitness: Sequence[float],
+    label: str | None = None,
+) -> Proposal:
+    """The pair's child by ``settings.crossover``: split-point SLERP (its blend made now),
+    SCF-RKL into the fitter by ``fitness`` at fused density ``rate``, or eq. 5's merge."""
+    if settings.crossover == "slerp":
+        return slerp_offspring(
+            driver,
+            recipe,
+            ids,
+            units,
+            rng,
+            parent_density=parent_density,
+            child_density=child_density,
+        )
+    parents = [driver.members[i] for i in ids]
+    if settings.crossover == "scf_rkl":
+        record = scf_rkl_offspring_record(parents, list(fitness), rate, driver.dtype)
+    else:
+        record = offspring_record(
+            settings.merge,
+            recipe,
+            parents,
+            original_parents(driver.members, parents),
+            parent_density=parent_density,
+            child_density=child_density,
+            dtype=driver.dtype,
+        )
+    return Proposal(record, "offspring", ids, label)
