@@ -28,11 +28,11 @@ from mergekit_sae.evaluate import resolve_device
 from mergekit_sae.evaluate.evaluator import Evaluator, build_evaluator, load_tasks
 from mergekit_sae.evaluate.tasks import Task
 from mergekit_sae.merging.stream import MergeInputError, check_compatible, model_dtype
-from mergekit_sae.merging.weight_files import check_model_files
 from mergekit_sae.outputs.finish import finish
 from mergekit_sae.outputs.tracking import open_tracker
 from mergekit_sae.recipe.loading import resolve_model
 from mergekit_sae.recipe.schema import Recipe, RecipeError
+from mergekit_sae.weight_files import check_model_files
 
 # Recipe fields a resumed run may change: they do not alter the steps already taken.
 RESUMABLE_CHANGES = (

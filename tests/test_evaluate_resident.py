@@ -9,6 +9,7 @@ import torch
 from evaluate_toy import make_tokenizer, random_llama
 from safetensors.torch import save_file
 
+from mergekit_sae.errors import MergekitSaeError
 from mergekit_sae.evaluate import ResidentModel, WeightLoadError
 
 PROMPT = torch.tensor([[5, 9, 12, 30, 7, 2]])
@@ -63,6 +64,21 @@ def test_load_weights_from_state_dict_and_sharded_folder(pair, tmp_path):
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     resident.load_weights(folder)
     assert torch.equal(logits(resident.model), logits(fresh))
+
+
+def test_load_weights_from_folder_reads_the_files_mergekit_reads(pair):
+    """A stray safetensors file beside model.safetensors (an adapter, say) is not read, as
+    MergeKit's loader does not read it; a shard index naming a missing shard is refused."""
+    resident, other = pair
+    save_file({"stray.weight": torch.ones(3)}, other / "adapter.safetensors")
+    resident.load_weights(other)
+    assert torch.equal(logits(resident.model), logits(ResidentModel(other, device="cpu").model))
+    (other / "model.safetensors").rename(other / "part-1.safetensors")
+    (other / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.norm.weight": "part-2.safetensors"}})
+    )
+    with pytest.raises(MergekitSaeError, match="names shard part-2.safetensors, which is missing"):
+        resident.load_weights(other)
 
 
 def test_load_weights_casts_to_the_resident_dtype(tmp_path):

@@ -14,7 +14,7 @@ PACKAGE = Path(mergekit_sae.__file__).parent
 # Lowest first. A module may import modules of its own layer's part and of lower layers only.
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "faults", "dtypes", "domains", "parallel"),
-    ("atomic", "sparsity", "records", "plugins"),
+    ("atomic", "sparsity", "records", "plugins", "weight_files"),
     ("methods",),
     ("evaluate",),
     ("merging",),

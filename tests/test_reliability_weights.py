@@ -16,9 +16,9 @@ from safetensors import safe_open
 
 from mergekit_sae.cli import main
 from mergekit_sae.errors import MergeInputError
-from mergekit_sae.merging.weight_files import check_model_files, check_safetensors
 from mergekit_sae.recipe.loading import parse_recipe
 from mergekit_sae.run import resolve_inputs
+from mergekit_sae.weight_files import check_model_files, check_safetensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,7 +11,7 @@ from mergekit.io import TensorWriter
 from safetensors.torch import load_file
 
 from mergekit_sae.merging.shard_writer import MAX_DIMS, StreamingShardWriter
-from mergekit_sae.merging.weight_files import check_model_files
+from mergekit_sae.weight_files import check_model_files
 
 
 def sample_tensors() -> dict[str, torch.Tensor]:

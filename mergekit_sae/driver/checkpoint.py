@@ -34,8 +34,8 @@ from pydantic import BaseModel, Field
 from mergekit_sae import faults
 from mergekit_sae.atomic import clean_leftovers, current_umask, write_text  # noqa: F401
 from mergekit_sae.errors import MergeInputError
-from mergekit_sae.merging.weight_files import check_model_files
 from mergekit_sae.records import Member, StepRecord, TestResult, member_dir
+from mergekit_sae.weight_files import check_model_files
 
 STATE_VERSION = 1
 WORK_DIR = ".work"

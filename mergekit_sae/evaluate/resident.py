@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -12,8 +11,7 @@ from torch import Tensor
 
 from mergekit_sae.errors import WeightLoadError
 from mergekit_sae.evaluate.device import fitting_batch_size, resolve_device, resolve_dtype
-
-INDEX_NAME = "model.safetensors.index.json"
+from mergekit_sae.weight_files import SAFETENSORS, weight_files
 
 
 class ResidentModel:
@@ -144,27 +142,16 @@ def _open_source(
 
 
 def _safetensors_files(path: Path) -> list[Path]:
-    """The safetensors files of a weights file or a model folder (sharded or not)."""
+    """The safetensors files of a weights file or a model folder (those MergeKit would read)."""
     if path.is_file():
         if path.suffix != ".safetensors":
             raise WeightLoadError(f"{path} is not a .safetensors file")
         return [path]
     if not path.is_dir():
         raise WeightLoadError(f"weights source {path} does not exist")
-    index = path / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise WeightLoadError(f"{index} is not a valid safetensors index ({e})") from e
-        files = [path / f for f in dict.fromkeys(weight_map.values())]
-        absent = [str(f) for f in files if not f.is_file()]
-        if absent:
-            raise WeightLoadError(f"{index} lists shard(s) that do not exist: {absent}")
-        return files
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
+    files = weight_files(path)
+    if not files or files[0].suffix != ".safetensors":
         raise WeightLoadError(
-            f"{path} holds no safetensors weights (expected model.safetensors or {INDEX_NAME})"
+            f"{path} holds no safetensors weights (expected {SAFETENSORS} or its .index.json)"
         )
     return files

@@ -1,3 +1,3 @@
-"""MergeKit stages, streamed: reading model files, one stage tensor by tensor through the lazy
+"""MergeKit stages, streamed: one stage tensor by tensor through the lazy
 loader and the registered methods, writing shards, per-tensor parameters, the MergeKit recipes
 of a lineage, and the guard around MergeKit runs of this package's methods."""

@@ -10,7 +10,7 @@ folder at `out_path`) is checked against the installed MergeKit by tests/test_me
 a folder missing after `run_merge` raises instead of passing silently.
 
 The guard also verifies the weight files of every local model the recipe names
-(`mergekit_sae.merging.weight_files`: truncated or corrupt safetensors fail naming the file) and
+(`mergekit_sae.weight_files`: truncated or corrupt safetensors fail naming the file) and
 refuses pickle weights unless `MERGEKIT_SAE_ALLOW_PICKLE=1`; in a MergeKit command these
 errors print as one `error: ...` line (`install_error_hook`), not a traceback.
 """
@@ -31,8 +31,8 @@ from mergekit.merge_methods import MergeMethodSpec, ParameterScope, get
 from mergekit_sae.atomic import atomic_dir
 from mergekit_sae.domains import domain_problem
 from mergekit_sae.errors import MergekitSaeError, RecipeError
-from mergekit_sae.merging.weight_files import check_model_files, pickle_allowed_by_env
 from mergekit_sae.methods import METHOD_NAMES
+from mergekit_sae.weight_files import check_model_files, pickle_allowed_by_env
 
 _GUARD_FLAG = "_mergekit_sae_guarded"
 # run_merge's arguments the guard reads (by name) and replaces (out_path)

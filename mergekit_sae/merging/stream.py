@@ -28,10 +28,10 @@ from mergekit_sae.dtypes import DTYPES, dtype_name, known_dtype_name, torch_dtyp
 from mergekit_sae.errors import MergeInputError
 from mergekit_sae.merging.per_tensor import resolve_parameters
 from mergekit_sae.merging.shard_writer import StreamingShardWriter
-from mergekit_sae.merging.weight_files import check_model_files
 from mergekit_sae.methods import register_all
 from mergekit_sae.records import MergeRecord
 from mergekit_sae.sparsity import EMPTY_STATS, SparsityStats, sparsity_stats
+from mergekit_sae.weight_files import check_model_files
 
 TensorSink = Callable[[str, torch.Tensor], None]
 
@@ -57,7 +57,7 @@ def open_model(path: Path) -> LazyTensorLoader:
     """A lazy loader over a model directory's safetensors (or .bin) shards.
 
     The weight files are verified first
-    (:func:`~mergekit_sae.merging.weight_files.check_model_files`:
+    (:func:`~mergekit_sae.weight_files.check_model_files`:
     headers against file sizes), so a truncated or corrupt file fails as one MergeInputError
     naming it. Pickle weights pass here: whether they are allowed is decided when the run's
     inputs are resolved.
