@@ -13,7 +13,7 @@ from evolve_fixtures import FakeEvaluator, assert_identical, tiny_llama
 
 from mergekit_sae.driver.context import RunContext
 from mergekit_sae.driver.loop import evolve
-from mergekit_sae.driver.ray_executor import import_ray
+from mergekit_sae.driver.ray_executor import import_ray, split_wall
 from mergekit_sae.errors import RecipeError
 from mergekit_sae.evaluate import device as device_module
 from mergekit_sae.merging import stream as merging
@@ -185,3 +185,10 @@ def test_fitting_batch_size_on_cuda() -> None:
     model = torch.nn.Linear(64, 64).cuda()
     size = device_module.fitting_batch_size(model, torch.device("cuda"))
     assert size is not None and 1 <= size <= 256
+
+
+def test_split_wall_shares_the_parallel_wall_time() -> None:
+    # 2 actors: 1 s + 3 s loading, 2 s + 2 s scoring, in 5 s of wall time: 4/8 of it loading
+    assert split_wall(5.0, 4.0, 4.0) == (2.5, 2.5)
+    assert split_wall(6.0, 1.0, 2.0) == (2.0, 4.0)
+    assert split_wall(3.0, 0.0, 0.0) == (0.0, 3.0)

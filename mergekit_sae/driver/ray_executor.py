@@ -69,17 +69,29 @@ class ScoringWorker:
             trust_remote_code=recipe.trust_remote_code,
         )
 
-    def score(self, weights: Any, items: Mapping[str, Sequence[Any]]) -> tuple[ItemScores, float]:
+    def score(
+        self, weights: Any, items: Mapping[str, Sequence[Any]]
+    ) -> tuple[ItemScores, float, float]:
         """Per-item scores of the candidate at ``weights`` (a path or a state dict), and the
-        seconds spent loading it."""
+        seconds spent loading it and scoring it."""
         start = time.perf_counter()
         if isinstance(weights, str):
             self.evaluator.load(Path(weights))
         else:
             self.evaluator.resident.load_weights(weights)
-        loaded = time.perf_counter() - start
+        loaded = time.perf_counter()
         scores = self.evaluator.score_items(items)
-        return {name: list(values) for name, values in scores.items()}, loaded
+        scored = time.perf_counter()
+        items_scores = {name: list(values) for name, values in scores.items()}
+        return items_scores, loaded - start, scored - loaded
+
+
+def split_wall(wall: float, loading: float, scoring: float) -> tuple[float, float]:
+    """A parallel batch's wall seconds as (load, score), in the proportion the actors spent on
+    each (their own seconds overlap, so they do not add up to the wall time themselves)."""
+    busy = loading + scoring
+    load = wall * loading / busy if busy > 0 else 0.0
+    return load, wall - load
 
 
 class RayExecutor:
@@ -138,8 +150,8 @@ class RayExecutor:
         self, paths: Sequence[Path], items: Mapping[str, Sequence[Any]], seconds: Seconds
     ) -> Iterator[ItemScores]:
         """Per-item scores of each stored model, in the order of ``paths`` (round-robin on
-        the actors). ``score`` gets the wall time of the parallel scoring, the actors' loading
-        included; ``load`` the actors' loading times summed (they overlap that wall time)."""
+        the actors). The wall time of the parallel batch goes to ``load`` and ``score`` in the
+        proportion the actors spent on each (:func:`split_wall`), so a step's seconds add up."""
         if not paths:
             return iter(())
         faults.point("score")
@@ -150,9 +162,14 @@ class RayExecutor:
             for index, path in enumerate(paths)
         ]
         results = self.ray.get(futures)
-        seconds["score"] += time.perf_counter() - start
-        seconds["load"] += sum(loaded for _, loaded in results)
-        return iter([scores for scores, _ in results])
+        load, score = split_wall(
+            time.perf_counter() - start,
+            sum(loading for _, loading, _ in results),
+            sum(scoring for _, _, scoring in results),
+        )
+        seconds["load"] += load
+        seconds["score"] += score
+        return iter([scores for scores, _, _ in results])
 
     def close(self) -> None:
         """Stop the actors (Ray itself stays up for whoever started it)."""
