@@ -6,16 +6,18 @@ default), then measures in one run, interleaved over rounds, for each dtype:
 
 - ``floor``: the fastest plain pass: both variants memory-mapped with safetensors, tensor by
   tensor one torch add (into a reused buffer), streamed to an output file whose header is
-  written first;
+  written first; ``floor_durable``: the same, then the file and its folder flushed to disk
+  (``fsync``), as this package's writers flush every output before moving it into place;
 - ``linear``: MergeKit ``linear`` in-process (``run_merge``, what ``mergekit-yaml`` runs);
 - ``sae``: ``sae_evolve`` without pruning; ``sae_pruned_weights`` / ``sae_pruned_delta``:
   density ``--density`` on the weights / on the task vectors (reads the base too), in-process;
 - ``driver_disk`` / ``driver_resident``: one offspring through the driver's ``stream_merge``
   (to disk; to disk and into a resident scoring model, as a step does).
 
-Throughput is GB/s of bytes read plus bytes written to disk. Every case gets two ratios from
-the same round: to the floor (GB/s over the floor's GB/s; the floor must beat ``linear``) and
-``x linear`` (its seconds over ``linear``'s). The last line printed is one JSON object.
+Throughput is GB/s of bytes read plus bytes written to disk. Every case gets three ratios from
+the same round: to the floor (GB/s over the floor's GB/s; the floor must beat ``linear``), to
+the durable floor, and ``x linear`` (its seconds over ``linear``'s). The last line printed is
+one JSON object.
 
 ``--profile CASE`` instead runs one merge of CASE under cProfile on one kernel thread and
 prints where the seconds go.
@@ -127,9 +129,10 @@ def model_bytes(path: Path) -> int:
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
-def floor(paths: dict[str, Path], out: Path) -> None:
+def floor(paths: dict[str, Path], out: Path, durable: bool = False) -> None:
     """The plain pass: read a and b memory-mapped, add each pair of tensors into a reused
-    buffer, and stream the sums to one safetensors file (header first, then the data)."""
+    buffer, and stream the sums to one safetensors file (header first, then the data);
+    ``durable``: then flush the file and the folder to disk."""
     from safetensors import safe_open
 
     out.mkdir(parents=True, exist_ok=True)
@@ -161,6 +164,15 @@ def floor(paths: dict[str, Path], out: Path) -> None:
             total = buffer[: left.numel()].view(left.shape)
             torch.add(left, fb.get_tensor(name), out=total)
             output.write(total.reshape(-1).view(torch.uint8).numpy().data)
+        if durable:
+            output.flush()
+            os.fsync(output.fileno())
+    if durable:
+        folder = os.open(out, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def yaml_recipes(paths: dict[str, Path], dtype: str, density: float) -> dict[str, dict]:
@@ -259,7 +271,10 @@ def dtype_cases(paths: dict[str, Path], dtype: str, density: float, only: set | 
     size = model_bytes(paths["a"])
     record = offspring_record(dtype, density)
     parents = [paths["a"], paths["b"]]
-    cases: dict[str, Case] = {"floor": (lambda out: floor(paths, out), size * 3)}
+    cases: dict[str, Case] = {
+        "floor": (lambda out: floor(paths, out), size * 3),
+        "floor_durable": (lambda out: floor(paths, out, durable=True), size * 3),
+    }
     for name, recipe in yaml_recipes(paths, dtype, density).items():
         inputs = 3 if "base_model" in recipe else 2
         cases[name] = (lambda out, r=recipe: run_in_process(r, out), size * (inputs + 1))
@@ -270,15 +285,16 @@ def dtype_cases(paths: dict[str, Path], dtype: str, density: float, only: set | 
             lambda out: stream_merge(record, parents, None, out, sink=sink),
             size * 3,
         )
-    keep = {"floor", "linear", *(only or cases)}
+    keep = {"floor", "floor_durable", "linear", *(only or cases)}
     return {name: case for name, case in cases.items() if name in keep}
 
 
 def measure(cases: dict[str, dict[str, Case]], rounds: int, tmp: Path) -> dict[str, dict]:
     """Seconds of every case in every round, dtypes and cases interleaved (reversed order on
-    odd rounds); per case the medians of seconds, GB/s, ratio to the floor and x linear."""
+    odd rounds); per case the medians of seconds, GB/s, ratios to both floors and x linear."""
     seconds = {d: {name: [] for name in c} for d, c in cases.items()}
     to_floor = {d: {name: [] for name in c} for d, c in cases.items()}
+    to_durable = {d: {name: [] for name in c} for d, c in cases.items()}
     to_linear = {d: {name: [] for name in c} for d, c in cases.items()}
     order = [(d, name) for d, c in cases.items() for name in c]
     for round_index in range(rounds):
@@ -288,8 +304,11 @@ def measure(cases: dict[str, dict[str, Case]], rounds: int, tmp: Path) -> dict[s
             shutil.rmtree(out, ignore_errors=True)
         for dtype, table in cases.items():
             floor_rate = table["floor"][1] / seconds[dtype]["floor"][-1]
+            durable_rate = table["floor_durable"][1] / seconds[dtype]["floor_durable"][-1]
             for name, (_, moved) in table.items():
-                to_floor[dtype][name].append(moved / seconds[dtype][name][-1] / floor_rate)
+                rate = moved / seconds[dtype][name][-1]
+                to_floor[dtype][name].append(rate / floor_rate)
+                to_durable[dtype][name].append(rate / durable_rate)
                 to_linear[dtype][name].append(
                     seconds[dtype][name][-1] / seconds[dtype]["linear"][-1]
                 )
@@ -299,6 +318,7 @@ def measure(cases: dict[str, dict[str, Case]], rounds: int, tmp: Path) -> dict[s
                 "seconds": statistics.median(seconds[dtype][name]),
                 "gbps": moved / statistics.median(seconds[dtype][name]) / 1e9,
                 "ratio": statistics.median(to_floor[dtype][name]),
+                "durable": statistics.median(to_durable[dtype][name]),
                 "x_linear": statistics.median(to_linear[dtype][name]),
             }
             for name, (_, moved) in table.items()
@@ -315,6 +335,8 @@ def summary(medians: dict[str, dict]) -> dict:
             result[f"{dtype}_{name}_gbps"] = round(row["gbps"], 3)
             if name != "floor":
                 result[f"{dtype}_ratio_{name}"] = round(row["ratio"], 3)
+            if name != "floor_durable":
+                result[f"{dtype}_durable_{name}"] = round(row["durable"], 3)
             if name != "linear":
                 result[f"{dtype}_x_linear_{name}"] = round(row["x_linear"], 3)
     return result
@@ -378,17 +400,20 @@ def main() -> None:
     )
     rows = [
         f"| {dtype} | {name} | {row['seconds']:.2f} | {row['gbps']:.3f} | {row['ratio']:.3f} "
-        f"| {row['x_linear']:.2f} |"
+        f"| {row['durable']:.3f} | {row['x_linear']:.2f} |"
         for dtype, table in medians.items()
         for name, row in table.items()
     ]
     print(header)
-    print(f"{'dtype':<10}{'case':<20}{'median s':>10}{'GB/s':>8}{'to floor':>10}{'x linear':>10}")
+    print(
+        f"{'dtype':<10}{'case':<20}{'median s':>10}{'GB/s':>8}{'to floor':>10}"
+        f"{'durable':>10}{'x linear':>10}"
+    )
     for dtype, table in medians.items():
         for name, row in table.items():
             print(
                 f"{dtype:<10}{name:<20}{row['seconds']:>10.2f}{row['gbps']:>8.2f}"
-                f"{row['ratio']:>10.3f}{row['x_linear']:>10.2f}"
+                f"{row['ratio']:>10.3f}{row['durable']:>10.3f}{row['x_linear']:>10.2f}"
             )
     result = {
         "params_b": round(params, 3),
@@ -411,8 +436,8 @@ def write_results(header: str, rows: list[str], result: dict) -> None:
 
     results = Path(__file__).parent / "results"
     head = [
-        "| dtype | case | median s | GB/s | to floor | x linear |",
-        "|---|---|---:|---:|---:|---:|",
+        "| dtype | case | median s | GB/s | to floor | to durable floor | x linear |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     table = "\n".join([*head, *rows])
     markdown = results / "throughput.md"
