@@ -12,7 +12,9 @@ the final model files of an evolve run) goes through one of three functions:
 
 ``atomic_dir`` / ``publish_dir`` (one folder)
     The folder is written inside a temporary sibling ``.NAME.<token>.incomplete/NAME`` (so its
-    base name, which MergeKit puts on the model card, is the target's), flushed, then swapped:
+    base name, which MergeKit puts on the model card, is the target's), flushed (under
+    ``atomic_dir`` a background thread flushes its files while they are written, so the disk
+    works during the writing and the last flush waits only for the rest), then swapped:
     (1) an existing NAME is renamed to ``.NAME.<token>.old``, (2) the new one is renamed to NAME,
     (3) the old one is deleted. A crash before (1) leaves the old folder in place; between (1)
     and (2) the old folder is complete under its ``.old`` name and NAME is briefly absent;
@@ -38,6 +40,7 @@ import json
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -88,6 +91,56 @@ def fsync_tree(path: Path) -> None:
 
 
 fsync_dir = fsync_tree  # the name the evolve modules used
+
+
+class BackgroundFlush:
+    """Flush the files below a folder to disk over and over while they are being written.
+
+    A merge writes gigabytes that a final ``fsync_tree`` would otherwise wait for after the
+    last byte; flushed as they come, the disk writes while the merge computes. The final
+    flush still runs, so nothing is less durable. An error of a background flush is kept and
+    raised by :meth:`check`: once reported to this thread, a later ``fsync`` may not report it
+    again.
+    """
+
+    def __init__(self, folder: Path, interval: float = 0.05) -> None:
+        self.folder = folder
+        self.interval = interval
+        self.error: OSError | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mergekit-sae-flush", daemon=True)
+
+    def __enter__(self) -> BackgroundFlush:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for path in _files_below(self.folder):
+                try:
+                    fsync_path(path)
+                except FileNotFoundError:
+                    continue  # renamed or deleted since it was listed
+                except OSError as error:
+                    self.error = error
+                    return
+
+    def check(self) -> None:
+        """Raise the error a background flush met, if any."""
+        if self.error is not None:
+            raise self.error
+
+
+def _files_below(folder: Path) -> list[Path]:
+    """The regular files below ``folder`` now (none when it is gone)."""
+    try:
+        return [path for path in folder.rglob("*") if path.is_file() and not path.is_symlink()]
+    except OSError:
+        return []
 
 
 def _sibling(target: Path, suffix: str) -> Path:
@@ -195,7 +248,9 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     staging.mkdir()
     staged = staging / target.name
     try:
-        yield staged
+        with BackgroundFlush(staging) as flush:
+            yield staged
+        flush.check()
         if not staged.is_dir():
             raise OutputMissingError(
                 f"no output folder was written at {staged} (the staging folder holds "

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
 from mergekit_sae import atomic
-from mergekit_sae.errors import OutputMissingError
+from mergekit_sae.errors import OutOfSpaceError, OutputMissingError
 
 
 class Crash(Exception):
@@ -176,3 +178,51 @@ def test_clean_leftovers_knows_every_temporary_and_nothing_else(tmp_path):
     (tmp_path / ".e.0123abcd.old").mkdir()  # a lone old folder of "e": put back
     atomic.clean_leftovers(tmp_path)
     assert sorted(os.listdir(tmp_path)) == sorted([*kept, "e"])
+
+
+def test_atomic_dir_flushes_files_while_they_are_written(tmp_path, monkeypatch) -> None:
+    """The disk works during the writing: a file of the staged folder is flushed before the
+    body ends, and once more by the final flush after it."""
+    flushed: list[tuple[str, bool]] = []
+    body_done = {"done": False}
+    real = atomic.fsync_path
+
+    def recording(path):
+        flushed.append((Path(path).name, body_done["done"]))
+        real(path)
+
+    monkeypatch.setattr(atomic, "fsync_path", recording)
+    with atomic.atomic_dir(tmp_path / "out") as staged:
+        staged.mkdir()
+        (staged / "model.safetensors").write_bytes(b"x" * 4096)
+        for _ in range(200):  # up to 2 s for the flush thread to come round
+            if ("model.safetensors", False) in flushed:
+                break
+            threading.Event().wait(0.01)
+        body_done["done"] = True
+    assert ("model.safetensors", False) in flushed
+    assert ("model.safetensors", True) in flushed  # the final flush still runs
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == b"x" * 4096
+
+
+@pytest.mark.parametrize(
+    ("code", "raised"), [(errno.EIO, OSError), (errno.ENOSPC, OutOfSpaceError)]
+)
+def test_atomic_dir_raises_a_background_flush_error(tmp_path, monkeypatch, code, raised) -> None:
+    """An error reported to the background flush is not lost (a later fsync may not report it
+    again): the write fails and the target is left as it was."""
+    make_model(tmp_path / "out", "old", 1)
+    real = atomic.fsync_path
+
+    def failing(path):
+        if Path(path).name == "model.safetensors" and ".incomplete" in str(path):
+            raise OSError(code, os.strerror(code))
+        real(path)
+
+    monkeypatch.setattr(atomic, "fsync_path", failing)
+    with pytest.raises(raised), atomic.atomic_dir(tmp_path / "out") as staged:
+        staged.mkdir()
+        (staged / "model.safetensors").write_bytes(b"new")
+        threading.Event().wait(0.3)  # several rounds of the flush thread
+    assert contents(tmp_path / "out") == {"shard-0.bin": "old"}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
