@@ -102,11 +102,12 @@ def radix_histogram(keys: Tensor, radix: Radix) -> Tensor:
     if radix.shift == radix.bits - DIGIT_BITS:
         digits = keys >> radix.shift if radix.shift else keys
         return torch.bincount(digits, minlength=DIGITS)
-    offsets = keys - (radix.prefix << (radix.shift + DIGIT_BITS))
+    # bin = floor((key - prefix's first key) / 2**shift) + 1, the +1 folded into the offset
+    # (an arithmetic right shift is a floor division by a power of two)
+    bins = keys - ((radix.prefix << (radix.shift + DIGIT_BITS)) - (1 << radix.shift))
     if radix.shift:
-        offsets = torch.div(offsets, 1 << radix.shift, rounding_mode="floor")
-    bins = offsets.clamp_(-1, DIGITS).add_(1)
-    return torch.bincount(bins, minlength=DIGITS + 2)[1 : DIGITS + 1]
+        bins.bitwise_right_shift_(radix.shift)
+    return torch.bincount(bins.clamp_(0, DIGITS + 1), minlength=DIGITS + 2)[1 : DIGITS + 1]
 
 
 def radix_step(radix: Radix, hist: Tensor) -> Radix | Threshold:

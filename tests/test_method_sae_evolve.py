@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from mergekit.merge_methods import get, merge_tensors, registered_methods
 
 from mergekit_sae import parallel
-from mergekit_sae.methods import register_all
+from mergekit_sae.methods import register_all, sae_evolve
 from mergekit_sae.methods.sae_evolve import sae_merge, sae_mixing_weights
 
 
@@ -374,10 +374,14 @@ def test_kernel_matches_whole_tensor_passes_bit_for_bit_at_any_thread_count(
         prune_target="delta" if delta is not None else "weights",
         redense="original" if reference is not None else "parents",
     )
-    for threads in (1, 2, 3):
-        with parallel.kernel_threads(threads):
-            merged = sae_merge(tensors, [0.6, 0.3], **target, **options)
-        assert torch.equal(raw_bits(merged), raw_bits(expected)), threads
+    # under delta, with the task vectors kept between passes and recomputed in each
+    budgets = (sae_evolve.PART_CACHE_BYTES, 0) if delta is not None else (0,)
+    for budget in budgets:
+        monkeypatch.setattr(sae_evolve, "PART_CACHE_BYTES", budget)
+        for threads in (1, 2, 3):
+            with parallel.kernel_threads(threads):
+                merged = sae_merge(tensors, [0.6, 0.3], **target, **options)
+            assert torch.equal(raw_bits(merged), raw_bits(expected)), (budget, threads)
 
 
 def test_a_pruned_entry_keeps_its_sign_of_zero_through_an_underflow():
