@@ -270,8 +270,11 @@ def resident_sink(path: Path, dtype: str) -> Callable[[str, torch.Tensor], None]
 
 
 def timed(fn: Callable[[], None]) -> float:
-    """Wall seconds of one call."""
+    """Wall seconds of one call, started with no dirty pages in the page cache (``sync``
+    first, untimed): a case that leaves its output unflushed would otherwise slow the next
+    one's writes, and the cases' order would decide their times."""
     gc.collect()
+    os.sync()
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
