@@ -12,9 +12,10 @@ the final model files of an evolve run) goes through one of three functions:
 
 ``atomic_dir`` / ``publish_dir`` (one folder)
     The folder is written inside a temporary sibling ``.NAME.<token>.incomplete/NAME`` (so its
-    base name, which MergeKit puts on the model card, is the target's), flushed (under
-    ``atomic_dir`` a background thread flushes its files while they are written, so the disk
-    works during the writing and the last flush waits only for the rest), then swapped:
+    base name, which MergeKit puts on the model card, is the target's), flushed (with
+    ``atomic_dir(..., flush_while_writing=True)``, as the model writers call it, a background
+    thread flushes the files while they are written, so the disk works during the writing and
+    the last flush waits only for the rest), then swapped:
     (1) an existing NAME is renamed to ``.NAME.<token>.old``, (2) the new one is renamed to NAME,
     (3) the old one is deleted. A crash before (1) leaves the old folder in place; between (1)
     and (2) the old folder is complete under its ``.old`` name and NAME is briefly absent;
@@ -232,11 +233,13 @@ def _describe_contents(folder: Path) -> str:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(target: str | os.PathLike, *, flush_while_writing: bool = False) -> Iterator[Path]:
     """Yield a path named like ``target`` inside a temporary sibling; publish it on success.
 
     When the body raises, ``target`` is untouched and no folder created for it stays behind.
     When the body returns without having created the yielded folder, OutputMissingError.
+    ``flush_while_writing``: flush the staged files from a background thread while the body
+    writes them (:class:`BackgroundFlush`), for bodies that write gigabytes (a merged model).
     """
     target = Path(target).absolute()
     if target.exists() and not target.is_dir():
@@ -248,9 +251,12 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     staging.mkdir()
     staged = staging / target.name
     try:
-        with BackgroundFlush(staging) as flush:
+        if flush_while_writing:
+            with BackgroundFlush(staging) as flush:
+                yield staged
+            flush.check()
+        else:
             yield staged
-        flush.check()
         if not staged.is_dir():
             raise OutputMissingError(
                 f"no output folder was written at {staged} (the staging folder holds "

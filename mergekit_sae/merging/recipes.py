@@ -256,7 +256,7 @@ def run_recipe(
     configs, dependencies = load_config(Path(path).read_text(), str(stages))
     if None not in configs:
         raise RecipeError(f"{path}: every stage is named; the final stage must have no 'name:'")
-    with atomic_dir(out_path) as staged:
+    with atomic_dir(out_path, flush_while_writing=True) as staged:
         tasks = make_tasks(configs, dependencies, options, str(stages), str(staged), lazy=True)
         Executor(tasks, math_device="cpu", storage_device="cpu").execute(desc="Merging stages")
     return out_path

@@ -172,7 +172,7 @@ def run_merge_atomic(
     if merge_config.merge_method in METHOD_NAMES:
         check_recipe_parameters(merge_config)
         check_local_models(merge_config)
-    with atomic_dir(out_path) as staged:
+    with atomic_dir(out_path, flush_while_writing=True) as staged:
         run_merge(merge_config, str(staged), *args, **kwargs)
 
 

@@ -325,7 +325,7 @@ def _staged_output(out_dir: Path | None) -> Iterator[Path | None]:
     if out_dir is None:
         yield None
         return
-    with atomic_dir(out_dir) as staged:
+    with atomic_dir(out_dir, flush_while_writing=True) as staged:
         yield staged
 
 

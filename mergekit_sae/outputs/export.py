@@ -57,7 +57,7 @@ def export(run: Path, candidate: str, target: Path, *, device: str | None = None
             device=device,
         )
         source = rebuilder.path(candidate)
-        with atomic_dir(target) as staged:
+        with atomic_dir(target, flush_while_writing=True) as staged:
             staged.mkdir()
             write_model(source, Path(parents[0].path), staged)
             recipe_path = write_recipe(state.members, candidate, staged)
