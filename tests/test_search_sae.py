@@ -46,15 +46,15 @@ def test_sparsity_terms_linear_and_softmax() -> None:
 
 def test_total_scores_by_hand_with_a_cap_and_an_all_zero_column() -> None:
     # column totals 2, 1, 1, 0 (-> 1): F0 = (1/2 + 1) / 4, F1 = (1/2 + 1) / 4, F2 = 0
-    term = SparsityTerm(form="linear", weight=0.5)
+    term = SparsityTerm(form="linear", weight=0.5, max_zeros=None)
     assert total_scores(S, W, ZEROS, 1.0, term) == pytest.approx([0.375, 0.575, 0.35])
     capped = SparsityTerm(form="linear", weight=0.5, max_zeros=0.6)
     totals = total_scores(S, W, ZEROS, 1.0, capped)
     assert totals[:2] == pytest.approx([0.375, 0.575]) and totals[2] == EXCLUDED
     # alpha 0: no competition, the fitness is the performance (items weigh 1/4)
-    plain = total_scores(S, W, ZEROS, 0.0, SparsityTerm(weight=0.0))
+    plain = total_scores(S, W, ZEROS, 0.0, SparsityTerm(weight=0.0, max_zeros=None))
     assert plain == pytest.approx([0.5, 0.5, 0.0])
-    softmax = SparsityTerm(form="softmax", weight=0.2, temperature=1.0)
+    softmax = SparsityTerm(form="softmax", weight=0.2, temperature=1.0, max_zeros=None)
     exps = [math.exp(z) for z in ZEROS]
     expected = [f + 0.2 * e / sum(exps) for f, e in zip([0.375, 0.375, 0.0], exps, strict=True)]
     assert total_scores(S, W, ZEROS, 1.0, softmax) == pytest.approx(expected)
@@ -76,7 +76,7 @@ def test_selection_probabilities_never_normalise_negative_or_capped_scores() -> 
 
 
 def test_first_parent_by_total_second_by_attraction() -> None:
-    term = SparsityTerm(form="linear", weight=0.5)
+    term = SparsityTerm(form="linear", weight=0.5, max_zeros=None)
     totals = total_scores(S, W, ZEROS, 1.0, term)
     counts = {}
     rng = random.Random(5)
@@ -118,7 +118,7 @@ def test_eviction_appends_until_full_then_drops_the_lowest() -> None:
 
 
 def test_the_answer_is_the_best_performance_plus_sparsity_term() -> None:
-    term = SparsityTerm(form="linear", weight=0.5)
+    term = SparsityTerm(form="linear", weight=0.5, max_zeros=None)
     assert result_index([0.6, 0.5, 0.3], [0.0, 0.4, 0.1], term) == 1  # 0.6 < 0.5 + 0.2
     assert result_index([0.6, 0.5, None], [0.0, 0.1, 0.9], term) == 0  # never scored
     capped = SparsityTerm(form="linear", weight=0.5, max_zeros=0.3)

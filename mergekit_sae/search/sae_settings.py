@@ -100,10 +100,10 @@ class SparsityTerm(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     form: SparsityForm = Field("linear", description="linear in zeros, or softmax over the archive")
-    weight: NonNegative = Field(0.02, description="beta: the term's weight (the fitness weighs 1)")
+    weight: NonNegative = Field(0.04, description="beta: the term's weight (the fitness weighs 1)")
     temperature: float = Field(1.0, gt=0.0, description="softmax temperature tau")
     max_zeros: Fraction | None = Field(
-        None, description="cap: members with more zeros are evicted first (None: no cap)"
+        0.5, description="cap: members with more zeros are evicted first (null: no cap)"
     )
 
 
