@@ -124,12 +124,16 @@ def recipe_data(models: Sequence[Path], files: Mapping[str, Path], **overrides: 
 
 def deep_lineage_recipe(models: Sequence[str]) -> dict:
     """A recipe for FakeEvaluator ("lm_eval" tasks a and b) whose best member has a lineage
-    of several merges: sparse members win."""
+    of several merges: sparse members win (no cap on their zeros)."""
     return {
         "models": list(models),
         "tasks": [{"name": name, "type": "lm_eval", "subsample": 12} for name in "ab"],
         "steps": 4,
-        "sae": {"archive_size": 4, "children_per_step": 2, "sparsity_term": {"weight": 2.0}},
+        "sae": {
+            "archive_size": 4,
+            "children_per_step": 2,
+            "sparsity_term": {"weight": 2.0, "max_zeros": None},
+        },
         "dtype": "float32",
         "device": "cpu",
     }
