@@ -324,15 +324,20 @@ class _MixPlan:
     def _origin(self, span: slice) -> Tensor | None:
         return self.origin[span].to(self.dtype) if self.origin is not None else None
 
-    def _part(self, index: int, span: slice, origin: Tensor | None) -> Tensor:
+    def _part(
+        self, index: int, span: slice, origin: Tensor | None, out: Tensor | None = None
+    ) -> Tensor:
         """Parent ``index`` on a span in the compute dtype, as a task vector under delta (in
-        place on the converted copy; an input already in the compute dtype is not written).
-        Once the scan kept the task vectors, their slice (``origin`` is then not needed)."""
+        place on the converted copy, or in ``out``: the scan filling the kept task vectors; an
+        input already in the compute dtype is not written). Once the scan kept the task
+        vectors, their slice (``origin`` is then not needed)."""
         if self.parts is not None:
             return self.parts[index][span]
         stored = self.flats[index][span]
         if origin is None:
             return stored.to(self.dtype)
+        if out is not None:
+            return out.copy_(stored).sub_(origin)
         if stored.dtype == self.dtype:
             return stored - origin
         return stored.to(self.dtype).sub_(origin)
@@ -373,12 +378,6 @@ class _MixPlan:
         inputs = [*self.flats, *extras]
         cache = self._part_cache()
 
-        def delta_part(index: int, span: slice, origin: Tensor) -> Tensor:
-            """The task vector on a span, written into the cache when there is one."""
-            if cache is None:
-                return self._part(index, span, origin)
-            return cache[index][span].copy_(self.flats[index][span]).sub_(origin)
-
         def finite(index: int, span: slice) -> bool:
             return finite_keys(magnitude_keys(inputs[index][span]), inputs[index].dtype)
 
@@ -391,7 +390,8 @@ class _MixPlan:
                 origin = self._origin(span)
                 free = True
                 for index in range(len(self.flats)):
-                    part_ = delta_part(index, span, origin) if origin is not None else None
+                    kept = cache[index][span] if cache is not None else None
+                    part_ = self._part(index, span, origin, kept) if origin is not None else None
                     keys = self._keys(index, span, part_)
                     low, high = torch.aminmax(keys) if whole[index] else (None, keys.max())
                     if int(high) >= inf_key(self._key_dtype(index)):
