@@ -20,10 +20,16 @@ the same round: to the floor (GB/s over the floor's GB/s; the floor must beat ``
 the durable floor, and ``x linear`` (its seconds over ``linear``'s). The last line printed is
 one JSON object.
 
+``--device cuda`` does the math of every case on the GPU (MergeKit's ``device`` option, the
+driver's ``device``): the floor then copies each pair of tensors to the card, adds there and
+copies the sum back before streaming it out; ``--write`` then writes
+``results/throughput_cuda.*``.
+
 ``--profile CASE`` instead runs one merge of CASE under cProfile on one kernel thread and
 prints where the seconds go.
 
     python benchmarks/bench_throughput.py [--rounds 3] [--dtypes bfloat16,float32] [--write]
+        [--device cuda]
 """
 
 from __future__ import annotations
@@ -153,10 +159,12 @@ def mapped_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def floor(paths: dict[str, Path], out: Path, durable: bool = False) -> None:
+def floor(paths: dict[str, Path], out: Path, durable: bool = False, device: str = "cpu") -> None:
     """The plain pass: a and b memory-mapped (tensors are views of the maps, never copied),
     each pair added into a reused buffer, the sums streamed to one safetensors file (header
-    first, then the data); ``durable``: then the file and the folder flushed to disk."""
+    first, then the data); ``durable``: then the file and the folder flushed to disk. On
+    another device each pair is copied there, added into a reused buffer there, and the sum
+    copied back into the reused host buffer."""
     left_tensors = mapped_tensors(paths["a"] / "model.safetensors")
     right_tensors = mapped_tensors(paths["b"] / "model.safetensors")
     out.mkdir(parents=True, exist_ok=True)
@@ -173,13 +181,17 @@ def floor(paths: dict[str, Path], out: Path, durable: bool = False) -> None:
     raw += b" " * (-len(raw) % 8)
     with open(out / "model.safetensors", "wb") as output:
         output.write(struct.pack("<Q", len(raw)) + raw)
-        buffer = torch.empty(0)
+        buffer, card = torch.empty(0), torch.empty(0, device=device)
         for name, left in left_tensors.items():
             if buffer.dtype != left.dtype or buffer.numel() < left.numel():
                 buffer = torch.empty(left.numel(), dtype=left.dtype)
-            total = buffer[: left.numel()].view(left.shape)
-            torch.add(left, right_tensors[name], out=total)
-            output.write(total.reshape(-1).view(torch.uint8).numpy().data)
+                card = buffer if device == "cpu" else torch.empty_like(buffer, device=device)
+            total = card[: left.numel()].view(left.shape)
+            torch.add(left.to(device), right_tensors[name].to(device), out=total)
+            host = buffer[: left.numel()]
+            if device != "cpu":
+                host.copy_(total.reshape(-1))
+            output.write(host.view(torch.uint8).numpy().data)
         if durable:
             output.flush()
             os.fsync(output.fileno())
@@ -223,14 +235,14 @@ def yaml_recipes(paths: dict[str, Path], dtype: str, density: float) -> dict[str
     }
 
 
-def run_in_process(recipe: dict, out: Path) -> None:
-    """One in-process MergeKit run_merge."""
+def run_in_process(recipe: dict, out: Path, device: str = "cpu") -> None:
+    """One in-process MergeKit run_merge, its math on ``device``."""
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
     config = MergeConfiguration.model_validate(recipe)
-    run_merge(config, str(out), MergeOptions(quiet=True, copy_tokenizer=False))
+    run_merge(config, str(out), MergeOptions(quiet=True, copy_tokenizer=False, device=device))
 
 
 def offspring_record(dtype: str, density: float):
@@ -256,14 +268,15 @@ def offspring_record(dtype: str, density: float):
     )
 
 
-def resident_sink(path: Path, dtype: str) -> Callable[[str, torch.Tensor], None]:
-    """The receive() of a ResidentEvaluator over the model at path (no tasks)."""
+def resident_sink(path: Path, dtype: str, device: str) -> Callable[[str, torch.Tensor], None]:
+    """The receive() of a ResidentEvaluator over the model at path, on ``device`` (no tasks)."""
     from transformers import AutoModelForCausalLM
 
     from mergekit_sae.evaluate.evaluator import ResidentEvaluator
 
     class _Resident:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        model = model.to(device).eval()
         tokenizer = None
 
     return ResidentEvaluator(_Resident(), []).receive
@@ -283,7 +296,9 @@ def timed(fn: Callable[[], None]) -> float:
 Case = tuple[Callable[[Path], None], int]
 
 
-def dtype_cases(paths: dict[str, Path], dtype: str, density: float, only: set | None) -> dict:
+def dtype_cases(
+    paths: dict[str, Path], dtype: str, density: float, only: set | None, device: str
+) -> dict:
     """The timed cases of one dtype: name -> (run into an output folder, bytes moved)."""
     from mergekit_sae.merging.stream import stream_merge
 
@@ -291,17 +306,23 @@ def dtype_cases(paths: dict[str, Path], dtype: str, density: float, only: set | 
     record = offspring_record(dtype, density)
     parents = [paths["a"], paths["b"]]
     cases: dict[str, Case] = {
-        "floor": (lambda out: floor(paths, out), size * 3),
-        "floor_durable": (lambda out: floor(paths, out, durable=True), size * 3),
+        "floor": (lambda out: floor(paths, out, device=device), size * 3),
+        "floor_durable": (lambda out: floor(paths, out, True, device), size * 3),
     }
     for name, recipe in yaml_recipes(paths, dtype, density).items():
         inputs = 3 if "base_model" in recipe else 2
-        cases[name] = (lambda out, r=recipe: run_in_process(r, out), size * (inputs + 1))
-    cases["driver_disk"] = (lambda out: stream_merge(record, parents, None, out), size * 3)
+        cases[name] = (
+            lambda out, r=recipe: run_in_process(r, out, device),
+            size * (inputs + 1),
+        )
+    cases["driver_disk"] = (
+        lambda out: stream_merge(record, parents, None, out, device=device),
+        size * 3,
+    )
     if only is None or "driver_resident" in only:
-        sink = resident_sink(paths["a"], dtype)
+        sink = resident_sink(paths["a"], dtype, device)
         cases["driver_resident"] = (
-            lambda out: stream_merge(record, parents, None, out, sink=sink),
+            lambda out: stream_merge(record, parents, None, out, device=device, sink=sink),
             size * 3,
         )
     keep = {"floor", "floor_durable", "linear", *(only or cases)}
@@ -387,6 +408,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--density", type=float, default=DENSITY)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="where the math runs: cpu or cuda")
     parser.add_argument("--only", default=None, help="comma-separated subset of the methods")
     parser.add_argument("--profile", default=None, help="profile one merge of this case")
     parser.add_argument("--keep", action="store_true", help="keep the cached models")
@@ -403,7 +425,7 @@ def main() -> None:
     only = set(args.only.split(",")) if args.only else None
     if args.profile:
         only = {args.profile}
-    cases = {d: dtype_cases(paths[d], d, args.density, only) for d in dtypes}
+    cases = {d: dtype_cases(paths[d], d, args.density, only, args.device) for d in dtypes}
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         if args.profile:
@@ -413,7 +435,8 @@ def main() -> None:
     size = model_bytes(paths[dtypes[0]]["a"])
     params = size / torch.empty((), dtype=getattr(torch, dtypes[0])).element_size() / 1e9
     header = (
-        f"model: {params:.2f}B parameters, {args.rounds} rounds, density {args.density}, "
+        f"model: {params:.2f}B parameters, device {device_name(args.device)}, "
+        f"{args.rounds} rounds, density {args.density}, "
         f"torch threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f} on "
         f"{os.cpu_count()} CPUs"
     )
@@ -436,21 +459,27 @@ def main() -> None:
             )
     result = {
         "params_b": round(params, 3),
+        "device": args.device,
         "rounds": args.rounds,
         "density": args.density,
         "load_avg": round(os.getloadavg()[0], 2),
         **summary(medians),
     }
     if args.write:
-        write_results(header, rows, result)
+        write_results(header, rows, result, "" if args.device == "cpu" else f"_{args.device}")
     if not args.keep:
         for folder in paths.values():
             shutil.rmtree(folder["a"].parent, ignore_errors=True)
     print(json.dumps(result))
 
 
-def write_results(header: str, rows: list[str], result: dict) -> None:
-    """benchmarks/results/throughput.{md,json}; the md keeps its sections (``## ...``)."""
+def device_name(device: str) -> str:
+    """The device as the header names it: ``cpu``, or the GPU's own name."""
+    return device if device == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})"
+
+
+def write_results(header: str, rows: list[str], result: dict, suffix: str = "") -> None:
+    """benchmarks/results/throughput{suffix}.{md,json}; the md keeps its sections (``## ...``)."""
     from mergekit_sae.atomic import write_text
 
     results = Path(__file__).parent / "results"
@@ -459,13 +488,13 @@ def write_results(header: str, rows: list[str], result: dict) -> None:
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     table = "\n".join([*head, *rows])
-    markdown = results / "throughput.md"
+    markdown = results / f"throughput{suffix}.md"
     text = markdown.read_text() if markdown.is_file() else ""
     marker = text.find("\n## ")
     sections = text[marker:] if marker >= 0 else ""
     latest = f"```json\n{json.dumps(result)}\n```\n"
     write_text(markdown, f"# Merge throughput\n\n{header}\n\n{table}\n\n{latest}{sections}")
-    write_text(results / "throughput.json", json.dumps(result, indent=2) + "\n")
+    write_text(results / f"throughput{suffix}.json", json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
