@@ -23,9 +23,15 @@ from mergekit_sae.search.niches import (
     place_child,
     selection_probabilities,
 )
-from mergekit_sae.search.sae import SaeSearch, result_index, sparsity_terms, total_scores
+from mergekit_sae.search.sae import (
+    SaeSearch,
+    child_tick,
+    result_index,
+    sparsity_terms,
+    total_scores,
+)
 from mergekit_sae.search.sae_ga import SaeGaSearch
-from mergekit_sae.search.sae_settings import SparsityTerm
+from mergekit_sae.search.sae_settings import SaeSettings, Schedule, SparsityTerm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -209,13 +215,20 @@ def test_a_budget_stops_mid_step(tmp_path: Path, models) -> None:
     assert [len(r.info["children"]) for r in state.history] == [3, 2]
 
 
+def rates_at_or_under(cap: float, count: int) -> list[float]:
+    """The first ``count`` rates of the default schedule that are at most ``cap``."""
+    schedule, rates, tick = Schedule(), [], 0
+    while len(rates) < count:
+        rates += [schedule.rate(tick)] if schedule.rate(tick) <= cap else []
+        tick += 1
+    return rates
+
+
 def test_children_prune_parents_and_child_at_the_schedule_rate(tmp_path: Path, models) -> None:
     data = {**recipe(models, crossover="sae_evolve"), "keep_population": True}
     state, _ = counted(data, tmp_path / "run")
     children = [m for m in state.members.values() if m.origin == "offspring"]
-    schedule = parse_recipe(recipe(models)).settings_for().schedule
-    for tick, child in enumerate(children):
-        rate = schedule.rate(tick)
+    for rate, child in zip(rates_at_or_under(0.5, 6), children, strict=True):
         assert child.merge.method == "sae_evolve"
         assert child.merge.parameters["offspring_density"] == pytest.approx(1 - rate)
         assert child.merge.parameters["prune_target"] == "delta"
@@ -232,10 +245,8 @@ def test_children_prune_parents_and_child_at_the_schedule_rate(tmp_path: Path, m
 def test_slerp_children_are_a_chain_of_stages(tmp_path: Path, models) -> None:
     """Default operator: parents pruned (sae_prune), blended (slerp), the blend pruned."""
     state, _ = counted(recipe(models), tmp_path / "run")
-    schedule = parse_recipe(recipe(models)).settings_for().schedule
     children = [m for m in state.members.values() if m.origin == "offspring"]
-    for tick, child in enumerate(children):
-        rate = schedule.rate(tick)
+    for rate, child in zip(rates_at_or_under(0.5, 6), children, strict=True):
         assert child.merge.method == "sae_prune"
         assert child.merge.inputs[0].parameters["density"] == pytest.approx(1 - rate)
         (blend,) = [state.members[i] for i in child.inputs]
@@ -245,6 +256,53 @@ def test_slerp_children_are_a_chain_of_stages(tmp_path: Path, models) -> None:
             pruned = state.members[end]
             assert pruned.merge.method == "sae_prune" and pruned.origin == "pruned"
             assert pruned.merge.inputs[0].parameters["density"] == pytest.approx(1 - rate)
+
+
+def cosine_rate(t: int, cycle: int, s_min: float = 0.1, s_max: float = 0.6) -> float:
+    """The schedule's rate at position t of a cycle of length ``cycle``, written out."""
+    return s_min + (s_max - s_min) * (1 - math.cos(math.pi * t / (cycle - 1))) / 2
+
+
+def test_child_tick_skips_the_rates_above_the_cap() -> None:
+    # cycles of 3 then 6: rates 0.1, 0.35, 0.6 | 0.1, 0.148, 0.273, 0.427, 0.552, 0.6 | 0.1 ...
+    rates = [cosine_rate(t, 3) for t in range(3)] + [cosine_rate(t, 6) for t in range(6)]
+    schedule = Schedule()
+    assert [schedule.rate(t) for t in range(9)] == pytest.approx(rates)
+    above = [t for t, r in enumerate(rates) if r > 0.5]
+    assert above == [2, 7, 8]
+    # under a cap of 0.5 a skipped tick moves to the next cycle's start (tick 3, tick 9)
+    assert [child_tick(schedule, t, 0.5) for t in range(9)] == [0, 1, 3, 3, 4, 5, 6, 9, 9]
+    assert [child_tick(schedule, t, None) for t in range(9)] == list(range(9))
+    assert child_tick(schedule, 1, 0.35) == 1  # a rate equal to the cap is kept
+    assert child_tick(schedule, 2, 0.6) == 2
+    with pytest.raises(ValueError, match="above the cap"):
+        child_tick(Schedule(s_min=0.3), 0, 0.2)
+
+
+def test_rates_under_cap_needs_a_rate_under_the_cap() -> None:
+    with pytest.raises(ValueError, match=r"s_min \(0.6\) is above sparsity_term.max_zeros"):
+        SaeSettings(rates_under_cap=True, schedule={"s_min": 0.6, "s_max": 0.6})
+    assert SaeSettings(rates_under_cap=True, sparsity_term={"max_zeros": None}).rates_under_cap
+    assert not SaeSettings(
+        rates_under_cap=False, schedule={"s_min": 0.6, "s_max": 0.6}
+    ).rates_under_cap
+    with pytest.raises(ValueError, match="rates_under_cap is not read under framework 'ga'"):
+        SaeSettings(framework="ga", rates_under_cap=False)
+
+
+def test_under_a_cap_no_child_is_pruned_past_it(tmp_path: Path, models) -> None:
+    state, evaluator = counted(recipe(models), tmp_path / "run")  # the default
+    children = [m for m in state.members.values() if m.origin == "offspring"]
+    # 6 children at ticks 0, 1, 3, 4, 5, 6 (ticks 2 is above the cap): no evaluation skipped
+    expected = [cosine_rate(0, 3), cosine_rate(1, 3), *(cosine_rate(t, 6) for t in range(4))]
+    densities = [c.merge.inputs[0].parameters["density"] for c in children]
+    assert densities == pytest.approx([1 - r for r in expected])
+    assert all(c.zero_fraction <= 0.5 for c in children)
+    assert evaluator.calls == state.evaluations == 4 + 6
+    assert state.search["children"] == 7
+    plain, _ = counted(recipe(models, rates_under_cap=False), tmp_path / "plain")
+    over = [m for m in plain.members.values() if m.origin == "offspring" and m.zero_fraction > 0.5]
+    assert len(over) == 1  # tick 2 (rate 0.6): a child the cap excludes
 
 
 def test_the_ga_takes_slerp_children(tmp_path: Path, models) -> None:

@@ -25,7 +25,8 @@ module takes the framework from the code and the offspring operator from the pap
 - **Mutation**: magnitude pruning at the cyclic schedule's rate (its clock: the children made so
   far), applied to both parents before the merge and to the child (section 2.4). With
   ``sae_evolve`` both are densities of the one stage; with ``slerp`` they are ``sae_prune``
-  stages around the ``slerp`` stage. No Gaussian noise (pre-trained models).
+  stages around the ``slerp`` stage. No Gaussian noise (pre-trained models). Under a cap,
+  ``rates_under_cap`` skips the rates above it (:func:`child_tick`).
 - **Archive update** (:func:`eviction_slot`): the child joins; once full, the member of archive +
   child with the lowest total score leaves (the child itself when it is the worst).
 - **The answer** (:func:`result_index`): the member of highest total score without competition
@@ -59,7 +60,7 @@ from mergekit_sae.search.sae_operators import (
     make_initial_archive,
     offspring_proposal,
 )
-from mergekit_sae.search.sae_settings import SaeBase, SaeSettings, SparsityTerm
+from mergekit_sae.search.sae_settings import SaeBase, SaeSettings, Schedule, SparsityTerm
 
 # --- pure rules -------------------------------------------------------------------------------
 
@@ -89,6 +90,20 @@ def total_scores(
         EXCLUDED if cap is not None and z > cap else f + term.weight * t
         for f, t, z in zip(fitness, terms, zeros, strict=True)
     ]
+
+
+def child_tick(schedule: Schedule, tick: int, cap: float | None) -> int:
+    """The schedule tick of the next child: ``tick``, or under a cap the first tick from it
+    whose rate is at most the cap (the next cycle's start at the latest: each cycle starts at
+    s_min). A child pruned at a rate above the cap holds more zeros than the cap allows, so
+    it could never be a parent nor the answer: its evaluation would be spent for nothing."""
+    if cap is None:
+        return tick
+    if schedule.s_min > cap:
+        raise ValueError(f"schedule.s_min ({schedule.s_min}) is above the cap ({cap})")
+    while schedule.rate(tick) > cap:
+        tick += 1
+    return tick
 
 
 def answer_values(
@@ -217,12 +232,25 @@ class SaeSearch(SaeBase):
             rows, state.item_weights, totals, settings.alpha, rng, matchmaker=settings.matchmaker
         )
         pair = (state.archive[first], state.archive[second])
-        rate = settings.schedule.rate(state.children)
+        tick = state.children
+        if self.counts_zeros_of_rate():
+            tick = child_tick(settings.schedule, tick, settings.sparsity_term.max_zeros)
+        rate = settings.schedule.rate(tick)
         child = self.offspring(driver, step, index, pair, rate, (totals[first], totals[second]))
         if child is None:
             return None
-        state.children += 1
+        state.children = tick + 1
         return self.admit(driver, child, pair, rate)
+
+    def counts_zeros_of_rate(self) -> bool:
+        """Whether the cap skips rates: ``rates_under_cap`` with the child pruned and zeros
+        counted as such (``zero_count``: a child pruned at rate r holds at least r zeros)."""
+        settings = self.settings
+        return (
+            settings.rates_under_cap
+            and settings.prune_child
+            and self.recipe.sparsity_measure == "zero_count"
+        )
 
     def offspring(
         self,

@@ -44,7 +44,14 @@ MOVED_FIELDS: dict[str, str] = {
 }
 
 # Settings only one framework reads; setting them under the other is refused.
-NICHES_ONLY = ("children_per_step", "matchmaker", "prune_parents", "prune_child", "redraw_every")
+NICHES_ONLY = (
+    "children_per_step",
+    "matchmaker",
+    "prune_parents",
+    "prune_child",
+    "redraw_every",
+    "rates_under_cap",
+)
 GA_ONLY = ("rescore", "fitness")
 
 
@@ -135,6 +142,11 @@ class SaeSettings(SearchSettings):
     )
     prune_parents: bool = Field(True, description="niches: prune both parents before the merge")
     prune_child: bool = Field(True, description="niches: prune the merged child")
+    rates_under_cap: bool = Field(
+        True,
+        description="niches: under a cap, skip the schedule's rates above "
+        "sparsity_term.max_zeros (a child pruned past the cap is never a parent nor the answer)",
+    )
     redraw_every: int | None = Field(
         None,
         ge=1,
@@ -159,6 +171,14 @@ class SaeSettings(SearchSettings):
             )
         if self.fitness == "shared" and not self.rescore:
             raise ValueError("fitness 'shared' needs rescore: true")
+        cap = self.sparsity_term.max_zeros
+        skipping = self.framework == "niches" and self.rates_under_cap and self.prune_child
+        if skipping and cap is not None and self.schedule.s_min > cap:
+            raise ValueError(
+                f"rates_under_cap: schedule.s_min ({self.schedule.s_min}) is above "
+                f"sparsity_term.max_zeros ({cap}), so no rate is at or below the cap; lower "
+                "s_min, raise or remove the cap, or set rates_under_cap: false"
+            )
         return self
 
 
