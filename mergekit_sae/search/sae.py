@@ -233,7 +233,7 @@ class SaeSearch(SaeBase):
         )
         pair = (state.archive[first], state.archive[second])
         tick = state.children
-        if self.counts_zeros_of_rate():
+        if self.skips_rates_above_cap():
             tick = child_tick(settings.schedule, tick, settings.sparsity_term.max_zeros)
         rate = settings.schedule.rate(tick)
         child = self.offspring(driver, step, index, pair, rate, (totals[first], totals[second]))
@@ -242,9 +242,9 @@ class SaeSearch(SaeBase):
         state.children = tick + 1
         return self.admit(driver, child, pair, rate)
 
-    def counts_zeros_of_rate(self) -> bool:
-        """Whether the cap skips rates: ``rates_under_cap`` with the child pruned and zeros
-        counted as such (``zero_count``: a child pruned at rate r holds at least r zeros)."""
+    def skips_rates_above_cap(self) -> bool:
+        """Whether children skip the rates above the cap: ``rates_under_cap``, with the child
+        pruned and zeros counted (``zero_count``: a child pruned at rate r holds r or more)."""
         settings = self.settings
         return (
             settings.rates_under_cap
