@@ -283,9 +283,9 @@ def test_rates_under_cap_needs_a_rate_under_the_cap() -> None:
     with pytest.raises(ValueError, match=r"s_min \(0.6\) is above sparsity_term.max_zeros"):
         SaeSettings(rates_under_cap=True, schedule={"s_min": 0.6, "s_max": 0.6})
     assert SaeSettings(rates_under_cap=True, sparsity_term={"max_zeros": None}).rates_under_cap
-    assert not SaeSettings(
-        rates_under_cap=False, schedule={"s_min": 0.6, "s_max": 0.6}
-    ).rates_under_cap
+    high = {"s_min": 0.6, "s_max": 0.6}
+    assert not SaeSettings(rates_under_cap=False, schedule=high).rates_under_cap
+    assert not SaeSettings(prune_child=False, schedule=high).prune_child  # no child is pruned
     with pytest.raises(ValueError, match="rates_under_cap is not read under framework 'ga'"):
         SaeSettings(framework="ga", rates_under_cap=False)
 
@@ -293,7 +293,7 @@ def test_rates_under_cap_needs_a_rate_under_the_cap() -> None:
 def test_under_a_cap_no_child_is_pruned_past_it(tmp_path: Path, models) -> None:
     state, evaluator = counted(recipe(models), tmp_path / "run")  # the default
     children = [m for m in state.members.values() if m.origin == "offspring"]
-    # 6 children at ticks 0, 1, 3, 4, 5, 6 (ticks 2 is above the cap): no evaluation skipped
+    # 6 children at ticks 0, 1, 3, 4, 5, 6 (tick 2 is above the cap): no evaluation skipped
     expected = [cosine_rate(0, 3), cosine_rate(1, 3), *(cosine_rate(t, 6) for t in range(4))]
     densities = [c.merge.inputs[0].parameters["density"] for c in children]
     assert densities == pytest.approx([1 - r for r in expected])
