@@ -243,14 +243,9 @@ class SaeSearch(SaeBase):
         return self.admit(driver, child, pair, rate)
 
     def skips_rates_above_cap(self) -> bool:
-        """Whether children skip the rates above the cap: ``rates_under_cap``, with the child
-        pruned and zeros counted (``zero_count``: a child pruned at rate r holds r or more)."""
-        settings = self.settings
-        return (
-            settings.rates_under_cap
-            and settings.prune_child
-            and self.recipe.sparsity_measure == "zero_count"
-        )
+        """Whether children skip the rates above the cap: the settings cap them and zeros are
+        counted (``zero_count``: a child pruned at rate r holds r or more)."""
+        return self.settings.caps_child_rates and self.recipe.sparsity_measure == "zero_count"
 
     def offspring(
         self,

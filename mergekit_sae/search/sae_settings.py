@@ -172,14 +172,24 @@ class SaeSettings(SearchSettings):
         if self.fitness == "shared" and not self.rescore:
             raise ValueError("fitness 'shared' needs rescore: true")
         cap = self.sparsity_term.max_zeros
-        skipping = self.framework == "niches" and self.rates_under_cap and self.prune_child
-        if skipping and cap is not None and self.schedule.s_min > cap:
+        if self.caps_child_rates and self.schedule.s_min > cap:
             raise ValueError(
                 f"rates_under_cap: schedule.s_min ({self.schedule.s_min}) is above "
                 f"sparsity_term.max_zeros ({cap}), so no rate is at or below the cap; lower "
                 "s_min, raise or remove the cap, or set rates_under_cap: false"
             )
         return self
+
+    @property
+    def caps_child_rates(self) -> bool:
+        """Whether the children's pruning rates stay at or below the cap: ``rates_under_cap``
+        under ``framework: niches``, with a cap and the child pruned."""
+        return (
+            self.framework == "niches"
+            and self.rates_under_cap
+            and self.prune_child
+            and self.sparsity_term.max_zeros is not None
+        )
 
 
 def moved_fields(data: dict[str, Any]) -> list[str]:
