@@ -279,13 +279,24 @@ def test_child_tick_skips_the_rates_above_the_cap() -> None:
         child_tick(Schedule(s_min=0.3), 0, 0.2)
 
 
-def test_rates_under_cap_needs_a_rate_under_the_cap() -> None:
-    with pytest.raises(ValueError, match=r"s_min \(0.6\) is above sparsity_term.max_zeros"):
-        SaeSettings(rates_under_cap=True, schedule={"s_min": 0.6, "s_max": 0.6})
-    assert SaeSettings(rates_under_cap=True, sparsity_term={"max_zeros": None}).rates_under_cap
+def test_rates_under_cap_needs_a_rate_under_the_cap(models) -> None:
     high = {"s_min": 0.6, "s_max": 0.6}
-    assert not SaeSettings(rates_under_cap=False, schedule=high).rates_under_cap
-    assert not SaeSettings(prune_child=False, schedule=high).prune_child  # no child is pruned
+    message = r"sae.schedule.s_min \(0.6\) is above sae.sparsity_term.max_zeros \(0.5\)"
+    with pytest.raises(ValueError, match=message):
+        parse_recipe(recipe(models, schedule=high))
+    # each of these leaves the children's rates alone (or puts 0.6 under the cap): it stands
+    for sae, skips in (
+        ({"rates_under_cap": False}, False),
+        ({"prune_child": False}, False),
+        ({"sparsity_term": {"max_zeros": None}}, False),
+        ({"sparsity_term": {"max_zeros": 0.6}}, True),
+    ):
+        settings = parse_recipe(recipe(models, schedule=high, **sae)).settings_for()
+        assert settings.skips_rates_above_cap("zero_count") is skips
+    # under the magnitude measure a rate does not bound the zeros: nothing is skipped
+    data = {**recipe(models, schedule=high), "sparsity_measure": "magnitude"}
+    assert not parse_recipe(data).settings_for().skips_rates_above_cap("magnitude")
+    assert parse_recipe(recipe(models)).settings_for().skips_rates_above_cap("zero_count")
     with pytest.raises(ValueError, match="rates_under_cap is not read under framework 'ga'"):
         SaeSettings(framework="ga", rates_under_cap=False)
 

@@ -161,6 +161,7 @@ class SaeSearch(SaeBase):
                 f"sae.archive_size ({settings.archive_size}) must be at least the number of "
                 f"models ({len(recipe.models)}): every dense parent starts in the archive"
             )
+        settings.check_rates_under_cap(recipe.sparsity_measure)
 
     def items_draw(self, step: int) -> int:
         """Step 1's items, or a fresh draw every ``redraw_every`` steps."""
@@ -233,7 +234,7 @@ class SaeSearch(SaeBase):
         )
         pair = (state.archive[first], state.archive[second])
         tick = state.children
-        if self.skips_rates_above_cap():
+        if settings.skips_rates_above_cap(self.recipe.sparsity_measure):
             tick = child_tick(settings.schedule, tick, settings.sparsity_term.max_zeros)
         rate = settings.schedule.rate(tick)
         child = self.offspring(driver, step, index, pair, rate, (totals[first], totals[second]))
@@ -241,11 +242,6 @@ class SaeSearch(SaeBase):
             return None
         state.children = tick + 1
         return self.admit(driver, child, pair, rate)
-
-    def skips_rates_above_cap(self) -> bool:
-        """Whether children skip the rates above the cap: the settings cap them and zeros are
-        counted (``zero_count``: a child pruned at rate r holds r or more)."""
-        return self.settings.caps_child_rates and self.recipe.sparsity_measure == "zero_count"
 
     def offspring(
         self,

@@ -171,25 +171,30 @@ class SaeSettings(SearchSettings):
             )
         if self.fitness == "shared" and not self.rescore:
             raise ValueError("fitness 'shared' needs rescore: true")
-        cap = self.sparsity_term.max_zeros
-        if self.caps_child_rates and self.schedule.s_min > cap:
-            raise ValueError(
-                f"rates_under_cap: schedule.s_min ({self.schedule.s_min}) is above "
-                f"sparsity_term.max_zeros ({cap}), so no rate is at or below the cap; lower "
-                "s_min, raise or remove the cap, or set rates_under_cap: false"
-            )
         return self
 
-    @property
-    def caps_child_rates(self) -> bool:
-        """Whether the children's pruning rates stay at or below the cap: ``rates_under_cap``
-        under ``framework: niches``, with a cap and the child pruned."""
+    def skips_rates_above_cap(self, sparsity_measure: str) -> bool:
+        """Whether the children skip the schedule's rates above the cap: ``rates_under_cap``
+        under ``framework: niches``, with a cap, the child pruned and zeros counted
+        (``zero_count``: a child pruned at rate r holds r or more)."""
         return (
             self.framework == "niches"
             and self.rates_under_cap
             and self.prune_child
             and self.sparsity_term.max_zeros is not None
+            and sparsity_measure == "zero_count"
         )
+
+    def check_rates_under_cap(self, sparsity_measure: str) -> None:
+        """Refuse a schedule with no rate at or below the cap when the children skip the rates
+        above it (only ``zero_count`` skips: the refusal is not needed under ``magnitude``)."""
+        cap = self.sparsity_term.max_zeros
+        if self.skips_rates_above_cap(sparsity_measure) and self.schedule.s_min > cap:
+            raise ValueError(
+                f"rates_under_cap: sae.schedule.s_min ({self.schedule.s_min}) is above "
+                f"sae.sparsity_term.max_zeros ({cap}), so no rate is at or below the cap; "
+                "lower s_min, raise or remove the cap, or set rates_under_cap: false"
+            )
 
 
 def moved_fields(data: dict[str, Any]) -> list[str]:
