@@ -193,6 +193,8 @@ def test_framework_picks_the_loop(models) -> None:
         ({}, 4 + 3 * 2),  # the archive once, then one evaluation per child
         ({"redraw_every": 2}, 4 + 4 + 3 * 2),  # step 3 re-draws items: the archive again
         ({"crossover": "slerp"}, 4 + 3 * 2),  # pruning and SLERP stages are not evaluations
+        ({"initial_variants": False}, 2 + 3 * 2),  # the two dense parents, then the children
+        ({"initial_variants": False, "redraw_every": 2}, 2 + 4 + 3 * 2),  # full by step 3
     ],
 )
 def test_every_child_costs_one_evaluation(tmp_path: Path, models, sae, expected) -> None:
@@ -314,6 +316,20 @@ def test_under_a_cap_no_child_is_pruned_past_it(tmp_path: Path, models) -> None:
     plain, _ = counted(recipe(models, rates_under_cap=False), tmp_path / "plain")
     over = [m for m in plain.members.values() if m.origin == "offspring" and m.zero_fraction > 0.5]
     assert len(over) == 1  # tick 2 (rate 0.6): a child the cap excludes
+
+
+def test_without_initial_variants_the_archive_grows_from_the_parents(
+    tmp_path: Path, models
+) -> None:
+    state, _ = counted(recipe(models, initial_variants=False), tmp_path / "run")
+    parents = [m.id for m in state.members.values() if m.origin == "parent"]
+    assert state.history[0].population_before == parents  # no pruned copies
+    pruned = [m for m in state.members.values() if m.origin == "pruned"]
+    assert pruned and all(m.performance is None for m in pruned)  # only parents pruned to merge
+    first = state.history[0].offspring
+    assert [child.replaced for child in first] == [None, None]  # both join: 2 of 4 places free
+    assert state.history[0].population_after == [*parents, *(child.id for child in first)]
+    assert len(state.search["archive"]) == 4  # full from then on
 
 
 def test_the_ga_takes_slerp_children(tmp_path: Path, models) -> None:

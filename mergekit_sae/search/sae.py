@@ -57,6 +57,7 @@ from mergekit_sae.search.niches import (
 )
 from mergekit_sae.search.sae_ga import SaeGaSearch
 from mergekit_sae.search.sae_operators import (
+    initial_size,
     make_initial_archive,
     offspring_proposal,
 )
@@ -150,7 +151,8 @@ class SaeSearch(SaeBase):
         if settings.framework == "ga":
             return SaeGaSearch.natural_budget(recipe, settings)
         redraws = (recipe.steps - 1) // settings.redraw_every if settings.redraw_every else 0
-        return settings.archive_size * (1 + redraws) + recipe.steps * settings.children_per_step
+        first = initial_size(settings, len(recipe.models))
+        return first + settings.archive_size * redraws + recipe.steps * settings.children_per_step
 
     @classmethod
     def check_recipe(cls, recipe: Any, settings: SearchSettings) -> None:

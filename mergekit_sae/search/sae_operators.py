@@ -4,8 +4,8 @@ Each function returns the :class:`MergeRecord` of one stage, so every model SAE 
 with ``mergekit-yaml`` (a chain of stages with ``mergekit-multi``):
 
 - :func:`initial_layout`: each dense parent, then sparse variants at rates spread over
-  [s_min, s_max] (paper section 2.1); :func:`prune_record` makes one variant (``sae_prune``),
-  :func:`make_initial_archive` all of them;
+  [s_min, s_max] (paper section 2.1), :func:`initial_size` of them in all;
+  :func:`prune_record` makes one variant (``sae_prune``), :func:`make_initial_archive` all;
 - :func:`offspring_record`: the ``sae_evolve`` merge of a pair (eq. 5 with attraction), the
   parents pruned at ``parent_density`` inside the merge and the child at ``child_density``;
 - :func:`scf_rkl_offspring_record`: the ``scf_rkl`` merge, the fitter parent as anchor.
@@ -56,12 +56,20 @@ def initial_layout(
     return layout
 
 
+def initial_size(settings: SaeSettings, n_parents: int) -> int:
+    """Members of the initial archive: ``archive_size`` (dense parents and pruned variants), or
+    the dense parents alone without ``initial_variants``."""
+    return settings.archive_size if settings.initial_variants else n_parents
+
+
 def make_initial_archive(recipe: Any, settings: SaeSettings, driver: Driver) -> list[str]:
     """Each dense parent, then ``sae_prune`` variants dealt round-robin at spread rates (not
     scored yet)."""
     parents = [driver.members[i] for i in driver.parents]
     schedule = settings.schedule
-    layout = initial_layout(len(parents), settings.archive_size, schedule.s_min, schedule.s_max)
+    layout = initial_layout(
+        len(parents), initial_size(settings, len(parents)), schedule.s_min, schedule.s_max
+    )
     archive = []
     for index, rate in layout:
         if rate is None:

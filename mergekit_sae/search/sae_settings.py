@@ -51,6 +51,7 @@ NICHES_ONLY = (
     "prune_child",
     "redraw_every",
     "rates_under_cap",
+    "initial_variants",
 )
 GA_ONLY = ("rescore", "fitness")
 
@@ -146,6 +147,12 @@ class SaeSettings(SearchSettings):
         True,
         description="niches: under a cap, skip the schedule's rates above "
         "sparsity_term.max_zeros (a child pruned past the cap is never a parent nor the answer)",
+    )
+    initial_variants: bool = Field(
+        True,
+        description="niches: start the archive with pruned variants of each parent, filling "
+        "archive_size (the paper); false: with the dense parents only, growing as children "
+        "join (M2N2's start)",
     )
     redraw_every: int | None = Field(
         None,
