@@ -146,7 +146,9 @@ class SaeSearch(SaeBase):
 
     @classmethod
     def natural_budget(cls, recipe: Any, settings: SearchSettings) -> int | None:
-        """The archive's first scores, one evaluation per child, and each re-draw's re-scores."""
+        """The archive's first scores, one evaluation per child, and each re-draw's re-scores
+        (``archive_size`` each: an archive grown from the dense parents that is not full yet at
+        a re-draw re-scores fewer, and the run ends with that budget unspent)."""
         assert isinstance(settings, SaeSettings)
         if settings.framework == "ga":
             return SaeGaSearch.natural_budget(recipe, settings)
