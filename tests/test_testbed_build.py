@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -174,6 +176,19 @@ def test_bad_config_file_is_named(tmp_path):
     result = CliRunner().invoke(main, ["testbed", "build", "--config", str(config)])
     assert result.exit_code == 1 and result.output.startswith("error: testbed config")
     assert "bad.yml" in result.output and "divisible" in result.output
+
+
+SHIPPED_CONFIGS = sorted((Path(__file__).parent.parent / "recipes").glob("pair*/testbed.yml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.parent.name)
+def test_shipped_pair_configs_load_as_written(path):
+    """Each pair's testbed.yml is a valid TestbedConfig whose fields are the file's values."""
+    from mergekit_sae.testbed.config import load_config
+
+    written = yaml.safe_load(path.read_text(encoding="utf-8"))
+    config = load_config(path)
+    assert written and {k: getattr(config, k) for k in written} == written
 
 
 def test_mergekit_merges_the_experts(root, tmp_path):
