@@ -27,6 +27,7 @@ from mergekit_sae.search.sae import (
     SaeSearch,
     child_tick,
     result_index,
+    selection_term,
     sparsity_terms,
     total_scores,
 )
@@ -64,6 +65,16 @@ def test_total_scores_by_hand_with_a_cap_and_an_all_zero_column() -> None:
     exps = [math.exp(z) for z in ZEROS]
     expected = [f + 0.2 * e / sum(exps) for f, e in zip([0.375, 0.375, 0.0], exps, strict=True)]
     assert total_scores(S, W, ZEROS, 1.0, softmax) == pytest.approx(expected)
+
+
+def test_selection_without_sparsity_keeps_only_the_cap() -> None:
+    term = SparsityTerm(form="linear", weight=0.5, max_zeros=0.6)
+    assert selection_term(term, True) is term
+    totals = total_scores(S, W, ZEROS, 1.0, selection_term(term, False))
+    # the shared fitness alone (F0 = F1 = 0.375, by hand above), member 2 still over the cap
+    assert totals[:2] == pytest.approx([0.375, 0.375]) and totals[2] == EXCLUDED
+    # the answer still weighs the term: member 1 (0.5 + 0.5 * 0.4) over member 0 (0.5)
+    assert result_index([0.5, 0.5, 0.0], ZEROS, term) == 1
 
 
 def test_selection_probabilities_never_normalise_negative_or_capped_scores() -> None:
@@ -301,6 +312,8 @@ def test_rates_under_cap_needs_a_rate_under_the_cap(models) -> None:
     assert parse_recipe(recipe(models)).settings_for().skips_rates_above_cap("zero_count")
     with pytest.raises(ValueError, match="rates_under_cap is not read under framework 'ga'"):
         SaeSettings(framework="ga", rates_under_cap=False)
+    with pytest.raises(ValueError, match="select_by_sparsity is not read under framework 'ga'"):
+        SaeSettings(framework="ga", select_by_sparsity=False)
 
 
 def test_under_a_cap_no_child_is_pruned_past_it(tmp_path: Path, models) -> None:

@@ -15,7 +15,9 @@ module takes the framework from the code and the offspring operator from the pap
   member's fraction of zeros) or ``softmax`` (the authors' softmax over the archive with a
   temperature). A member with more zeros than ``max_zeros`` scores -inf: never a parent, first
   to leave. Probabilities are built from the positive part of the totals and fall back to a
-  uniform draw, never from normalising negative scores.
+  uniform draw, never from normalising negative scores. ``select_by_sparsity: false`` leaves
+  the term out of parents and eviction (:func:`selection_term`; the cap stays), so it decides
+  only the answer.
 - **Parents** (:func:`choose_parents`): the first with probability proportional to the total
   score; the second by attraction to the first (M2N2's matchmaker), or by total score.
 - **Offspring**: ``crossover: slerp`` (the default, chosen on held-out training items:
@@ -91,6 +93,11 @@ def total_scores(
         EXCLUDED if cap is not None and z > cap else f + term.weight * t
         for f, t, z in zip(fitness, terms, zeros, strict=True)
     ]
+
+
+def selection_term(term: SparsityTerm, select_by_sparsity: bool) -> SparsityTerm:
+    """The term that parents and eviction see: the recipe's, or its cap alone (weight 0)."""
+    return term if select_by_sparsity else term.model_copy(update={"weight": 0.0})
 
 
 def child_tick(schedule: Schedule, tick: int, cap: float | None) -> int:
@@ -216,9 +223,8 @@ class SaeSearch(SaeBase):
         settings = self.settings
         rows = [self.state.rows[i] for i in ids] if rows is None else rows
         zeros = [driver.members[i].sparsity for i in ids]
-        return total_scores(
-            rows, self.state.item_weights, zeros, settings.alpha, settings.sparsity_term
-        )
+        term = selection_term(settings.sparsity_term, settings.select_by_sparsity)
+        return total_scores(rows, self.state.item_weights, zeros, settings.alpha, term)
 
     def totals_by_member(self, driver: Driver) -> dict[str, float]:
         """Each scored archive member's total score (for the history)."""

@@ -52,6 +52,7 @@ NICHES_ONLY = (
     "redraw_every",
     "rates_under_cap",
     "initial_variants",
+    "select_by_sparsity",
 )
 GA_ONLY = ("rescore", "fitness")
 
@@ -153,6 +154,12 @@ class SaeSettings(SearchSettings):
         description="niches: start the archive with pruned variants of each parent, filling "
         "archive_size (the paper); false: with the dense parents only, growing as children "
         "join (M2N2's start)",
+    )
+    select_by_sparsity: bool = Field(
+        True,
+        description="niches: the sparsity term enters the choice of parents and the eviction "
+        "(the paper's total score); false: those use the shared fitness alone (the cap still "
+        "applies), and the term decides only the answer",
     )
     redraw_every: int | None = Field(
         None,
