@@ -345,6 +345,24 @@ def test_without_initial_variants_the_archive_grows_from_the_parents(
     assert len(state.search["archive"]) == 4  # full from then on
 
 
+def test_without_select_by_sparsity_the_archive_totals_are_the_shared_fitness(
+    tmp_path: Path, models
+) -> None:
+    # the shared fitness of an archive sums to the share of items it solves, whoever holds them;
+    # only the term (weight x zeros) comes on top of it, and only when it enters the selection
+    weight = SaeSettings().sparsity_term.weight
+    shares, terms = [], []
+    for flag in (True, False):
+        state, _ = counted(recipe(models, select_by_sparsity=flag), tmp_path / str(flag))
+        for record in state.history:
+            totals = record.info["archive_total"]
+            term = weight * sum(state.members[i].sparsity for i in totals)
+            shares.append(sum(totals.values()) - (term if flag else 0.0))
+            terms.append(term)
+    assert min(terms) > 0.0  # sparse members in every archive: the term would show
+    assert shares == pytest.approx([shares[0]] * len(shares))
+
+
 def test_the_ga_takes_slerp_children(tmp_path: Path, models) -> None:
     data = recipe(models, framework="ga", children_per_step=4)
     state, evaluator = counted(data, tmp_path / "ga")
