@@ -85,7 +85,7 @@ def run_variant(base: dict, overrides: dict, seed: int, folder: Path, size: int)
     items = validation_items(recipe, evaluator, draws, size)
     evaluator.load(folder)
     scores = evaluator.score(items)
-    best = state.members[answer_id(state)]
+    best = state.members[state.best]  # the member written out (select included)
     return {
         "validation": scores,
         "validation_mean": statistics.fmean(scores.values()),
@@ -94,11 +94,6 @@ def run_variant(base: dict, overrides: dict, seed: int, folder: Path, size: int)
         "evaluations": state.evaluations,
         "seconds": round(seconds, 1),
     }
-
-
-def answer_id(state: Any) -> str:
-    """The member the run wrote as its model: the search's best, or the one ``select`` chose."""
-    return next((r.model for r in state.results if r.kind == "evolved"), state.best)
 
 
 def search_draw(recipe: Any, step: int) -> int:
