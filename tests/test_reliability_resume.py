@@ -23,7 +23,14 @@ def data(tmp_path_factory) -> dict:
         "models": [str(m) for m in models],
         "tasks": [{"name": name, "type": "lm_eval", "subsample": 8} for name in "ab"],
         "steps": 4,
-        "sae": {"archive_size": 4, "children_per_step": 2, "sparsity_term": {"weight": 2.0}},
+        # a heavy sparsity term in the selection keeps stored (pruned) members in the archive
+        # from one step to the next, which the checkpoint fallback below needs
+        "sae": {
+            "archive_size": 4,
+            "children_per_step": 2,
+            "sparsity_term": {"weight": 2.0},
+            "select_by_sparsity": True,
+        },
         "dtype": "float32",
         "device": "cpu",
     }

@@ -313,7 +313,7 @@ def test_rates_under_cap_needs_a_rate_under_the_cap(models) -> None:
     with pytest.raises(ValueError, match="rates_under_cap is not read under framework 'ga'"):
         SaeSettings(framework="ga", rates_under_cap=False)
     with pytest.raises(ValueError, match="select_by_sparsity is not read under framework 'ga'"):
-        SaeSettings(framework="ga", select_by_sparsity=False)
+        SaeSettings(framework="ga", select_by_sparsity=True)
 
 
 def test_under_a_cap_no_child_is_pruned_past_it(tmp_path: Path, models) -> None:
@@ -408,7 +408,10 @@ def test_stop_mid_step_then_resume_is_bit_identical(tmp_path: Path, models) -> N
 
 @pytest.mark.parametrize("crossover", ["sae_evolve", "slerp"])
 def test_the_answer_rebuilds_with_mergekit(tmp_path: Path, models, crossover) -> None:
-    data = recipe(models, crossover=crossover, sparsity_term={"weight": 2.0})
+    # a heavy term in the selection breeds sparse members from sparse parents: a deep lineage
+    data = recipe(
+        models, crossover=crossover, sparsity_term={"weight": 2.0}, select_by_sparsity=True
+    )
     data["steps"] = 4
     state, _ = counted(data, tmp_path / "run")
     chain = lineage(state.members, state.best)

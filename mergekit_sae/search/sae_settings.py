@@ -109,7 +109,7 @@ class SparsityTerm(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     form: SparsityForm = Field("linear", description="linear in zeros, or softmax over the archive")
-    weight: NonNegative = Field(0.04, description="beta: the term's weight (the fitness weighs 1)")
+    weight: NonNegative = Field(0.08, description="beta: the term's weight (the fitness weighs 1)")
     temperature: float = Field(1.0, gt=0.0, description="softmax temperature tau")
     max_zeros: Fraction | None = Field(
         0.5, description="cap: members with more zeros are evicted first (null: no cap)"
@@ -156,7 +156,7 @@ class SaeSettings(SearchSettings):
         "join (M2N2's start)",
     )
     select_by_sparsity: bool = Field(
-        True,
+        False,
         description="niches: the sparsity term enters the choice of parents and the eviction "
         "(the paper's total score); false: those use the shared fitness alone (the cap still "
         "applies), and the term decides only the answer",
