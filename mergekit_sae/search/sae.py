@@ -15,9 +15,10 @@ module takes the framework from the code and the offspring operator from the pap
   member's fraction of zeros) or ``softmax`` (the authors' softmax over the archive with a
   temperature). A member with more zeros than ``max_zeros`` scores -inf: never a parent, first
   to leave. Probabilities are built from the positive part of the totals and fall back to a
-  uniform draw, never from normalising negative scores. ``select_by_sparsity: false`` leaves
-  the term out of parents and eviction (:func:`selection_term`; the cap stays), so it decides
-  only the answer.
+  uniform draw, never from normalising negative scores. ``select_by_sparsity: false`` (the
+  default, chosen on held-out training items) leaves the term out of parents and eviction
+  (:func:`selection_term`; the cap stays), so it decides only the answer; true gives the
+  paper's total score to both.
 - **Parents** (:func:`choose_parents`): the first with probability proportional to the total
   score; the second by attraction to the first (M2N2's matchmaker), or by total score.
 - **Offspring**: ``crossover: slerp`` (the default, chosen on held-out training items:
