@@ -157,9 +157,9 @@ class SaeSettings(SearchSettings):
     )
     select_by_sparsity: bool = Field(
         False,
-        description="niches: the sparsity term enters the choice of parents and the eviction "
-        "(the paper's total score); false: those use the shared fitness alone (the cap still "
-        "applies), and the term decides only the answer",
+        description="niches: false (default): parents and eviction use the shared fitness "
+        "alone (the cap still applies) and the sparsity term decides only the answer; true: the "
+        "term enters the choice of parents and the eviction too (the paper's total score)",
     )
     redraw_every: int | None = Field(
         None,
