@@ -384,6 +384,50 @@ def test_kernel_matches_whole_tensor_passes_bit_for_bit_at_any_thread_count(
             assert torch.equal(raw_bits(merged), raw_bits(expected)), (budget, threads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_whole_parents_merge_in_one_pass_with_the_bits_of_the_two_pass_merge(
+    monkeypatch, dtype, renormalize
+):
+    # zeros in some 64-element chunks only: both the zero-free and the divisor path are taken
+    monkeypatch.setattr(parallel, "CHUNK", 64)
+    generator = torch.Generator().manual_seed(5)
+    tensors = [torch.randn(40, 48, generator=generator).to(dtype) for _ in range(3)]
+    tensors[0].view(-1)[100:140] = 0.0
+    tensors[2].view(-1)[1000:1010] = -0.0
+    base = torch.randn(40, 48, generator=generator).to(dtype)  # read, never mixed (weights)
+    options = dict(
+        renormalize=renormalize,
+        base=base,
+        sparsity_weight=0.5,
+        sparsity_scope="global",
+        global_sparsity=[0.1, 0.4, 0.0],
+    )
+
+    def merged(**changed) -> list[torch.Tensor]:
+        results = []
+        for threads in (1, 2, 3):
+            with parallel.kernel_threads(threads):
+                results.append(sae_merge(tensors, [0.6, 0.3, 0.5], **{**options, **changed}))
+        return [raw_bits(result) for result in results]
+
+    broken = base.clone()
+    broken.view(-1)[7] = float("inf")
+    with monkeypatch.context() as patch:
+        patch.setattr(sae_evolve._MixPlan, "scan", _no_scan)
+        one = merged()
+        with pytest.raises(ValueError, match="base_model contains 0 NaN and 1 Inf values"):
+            merged(base=broken)
+    with monkeypatch.context() as patch:
+        patch.setattr(sae_evolve._MixPlan, "one_pass", lambda *_: False)
+        two = merged()
+    assert all(torch.equal(bits, two[0]) for bits in one + two)
+
+
+def _no_scan(*_args, **_kwargs):
+    raise AssertionError("a merge of whole parents made a separate scan")
+
+
 def test_a_pruned_entry_keeps_its_sign_of_zero_through_an_underflow():
     # 0.3 * -1e-45 underflows to -0; b's pruned -0.5 then adds -0, so the result is -0
     a = torch.tensor([-1e-45, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])

@@ -233,10 +233,14 @@ def sae_merge(
     plan = _MixPlan(tensors, compute_dtype(inputs), base, dense_reference, prune_target == "delta")
     counts = [round(density * plan.numel) for density in densities]
     local_rhos = rhos is None and sparsity_weight > 0
+    names = [*labels, *extras]
+    if not local_rhos and plan.one_pass(counts, offspring_density):
+        weights = _mixing_weights(scores, rhos or [0.0] * count, sparsity_weight, labels, name)
+        result, finite = plan.mix_whole(weights, renormalize, promoted_dtype(tensors))
+        _check_finite(finite, inputs, names, name)
+        return result
     scan = plan.scan(counts, count_nonzero=local_rhos and sparsity_measure == "zero_count")
-    for index, finite in enumerate(scan.finite):
-        if not finite:
-            raise non_finite_error(inputs[index], [*labels, *extras][index], name)
+    _check_finite(scan.finite, inputs, names, name)
     cuts = plan.parent_selections(counts, scan)
     if rhos is None:
         rhos = [0.0] * count
@@ -247,6 +251,15 @@ def sae_merge(
             ]
     weights = _mixing_weights(scores, rhos, sparsity_weight, labels, name)
     return plan.mix(cuts, weights, renormalize, offspring_density, promoted_dtype(tensors), scan)
+
+
+def _check_finite(
+    finite: Sequence[bool], inputs: Sequence[Tensor], labels: Sequence[str], name: str
+) -> None:
+    """Raise the error naming the first input that holds an Inf or a NaN."""
+    for index, ok in enumerate(finite):
+        if not ok:
+            raise non_finite_error(inputs[index], labels[index], name)
 
 
 # How a parent enters the mix: every entry (a density-1 parent), no entry (density rounds to
@@ -525,6 +538,44 @@ class _MixPlan:
         for part in run_pass(block, range(len(per_block)), self.device):
             stats = stats.merged(part)
         return sparsity_from_stats(stats, measure)
+
+    def one_pass(self, counts: Sequence[int], offspring_density: float) -> bool:
+        """Whether :meth:`mix_whole` does this merge: every parent kept whole on its stored
+        values (no task vectors, no dense reference) and the child not pruned."""
+        k = round(offspring_density * self.numel)
+        child_whole = offspring_density == 1.0 or k >= self.numel
+        whole = all(count >= self.numel for count in counts)
+        return whole and child_whole and self.origin is None and self.reference is None
+
+    def mix_whole(
+        self, weights: Sequence[float], renormalize: bool, out_dtype: torch.dtype
+    ) -> tuple[Tensor, list[bool]]:
+        """The scan and the mix in one pass, when :meth:`one_pass` holds: each chunk's keys
+        tell its finiteness and whether a parent holds a zero there, then the chunk is mixed
+        as :meth:`mix` mixes it (the same operations, so the same bits). Returns the result
+        and, per input (the parents, then the base), whether it holds no Inf or NaN."""
+        out = torch.empty(self.numel, dtype=out_dtype, device=self.device)
+        present = _present(weights, self.dtype, self.device) if renormalize else None
+        inputs = [*self.flats, *([self.base] if self.base is not None else [])]
+
+        def block(part: slice) -> list[bool]:
+            finite = [True] * len(inputs)
+            for span in self._chunks(part):
+                free = True
+                for index, flat in enumerate(self.flats):
+                    low, high = torch.aminmax(magnitude_keys(flat[span]))
+                    finite[index] &= int(high) < inf_key(flat.dtype)
+                    free &= int(low) > 0
+                for index in range(len(self.flats), len(inputs)):
+                    keys = magnitude_keys(inputs[index][span])
+                    finite[index] &= finite_keys(keys, inputs[index].dtype)
+                parts = [self._part(index, span, None) for index in range(len(self.flats))]
+                dense = present if free else None
+                out[span] = _attraction_mix(parts, weights, renormalize, dense, None)
+            return finite
+
+        results = run_pass(block, self.blocks, self.device)
+        return out.view(self.shape), [all(r[i] for r in results) for i in range(len(inputs))]
 
     def mix(
         self,
