@@ -306,9 +306,11 @@ class _MixPlan:
        cast, chunk by chunk (with offspring pruning: the merged task vector kept in float32
        and the first digit of its selection, then one pass per remaining digit and a last
        pass that prunes, adds the base and casts).
-    Every step is elementwise or an integer count, so the results are the same bits as
-    whole-tensor passes, whatever the chunk size or thread count. Under delta the scan keeps
-    the parents' task vectors (``parts``, within PART_CACHE_BYTES) for the later passes.
+    With every parent whole on its stored values and the child not pruned, 1 and 3 are one
+    pass (:meth:`mix_whole`). Every step is elementwise or an integer count, so the results are
+    the same bits as whole-tensor passes, whatever the chunk size or thread count. Under delta
+    the scan keeps the parents' task vectors (``parts``, within PART_CACHE_BYTES) for the later
+    passes.
     """
 
     def __init__(
