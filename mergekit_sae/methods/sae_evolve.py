@@ -228,14 +228,16 @@ def sae_merge(
     extras = {"base_model": base, "dense reference": dense_reference}
     extras = {label: tensor for label, tensor in extras.items() if tensor is not None}
     inputs = [*tensors, *extras.values()]
-    check_layout(inputs, [*labels, *extras], name)
+    names = [*labels, *extras]
+    check_layout(inputs, names, name)
 
     plan = _MixPlan(tensors, compute_dtype(inputs), base, dense_reference, prune_target == "delta")
     counts = [round(density * plan.numel) for density in densities]
     local_rhos = rhos is None and sparsity_weight > 0
-    names = [*labels, *extras]
-    if not local_rhos and plan.one_pass(counts, offspring_density):
-        weights = _mixing_weights(scores, rhos or [0.0] * count, sparsity_weight, labels, name)
+    if rhos is None and not local_rhos:
+        rhos = [0.0] * count
+    if rhos is not None and plan.one_pass(counts, offspring_density):
+        weights = _mixing_weights(scores, rhos, sparsity_weight, labels, name)
         result, finite = plan.mix_whole(weights, renormalize, promoted_dtype(tensors))
         _check_finite(finite, inputs, names, name)
         return result
@@ -243,12 +245,10 @@ def sae_merge(
     _check_finite(scan.finite, inputs, names, name)
     cuts = plan.parent_selections(counts, scan)
     if rhos is None:
-        rhos = [0.0] * count
-        if local_rhos:
-            rhos = [
-                plan.parent_sparsity(i, cuts[i], counts[i], sparsity_measure, scan)
-                for i in range(count)
-            ]
+        rhos = [
+            plan.parent_sparsity(i, cuts[i], counts[i], sparsity_measure, scan)
+            for i in range(count)
+        ]
     weights = _mixing_weights(scores, rhos, sparsity_weight, labels, name)
     return plan.mix(cuts, weights, renormalize, offspring_density, promoted_dtype(tensors), scan)
 
